@@ -1,0 +1,3 @@
+"""genimg-jax: image-generation models written the JAX way."""
+
+__version__ = "0.1.0"

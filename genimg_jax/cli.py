@@ -1,0 +1,92 @@
+"""The `genimg` command: train, eval (and bench) from experiment configs.
+
+  genimg train --config experiments/cnn_fashion_mnist.py --workdir DIR \
+      [--config.batch_size=256 ...]
+  genimg eval --workdir DIR
+  genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _split_overrides(argv):
+  """Separates `--config.a.b=v` / `--config.a.b v` overrides from the rest."""
+  rest, overrides = [], []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--config."):
+      body = arg[len("--config."):]
+      if "=" not in body:
+        body += "=" + next(it, "")
+      overrides.append(body)
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog="genimg", description=__doc__,
+                                   formatter_class=argparse.RawTextHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  train = sub.add_parser("train", help="train (or resume) a run in a workdir")
+  train.add_argument("--config", required=True,
+                     help="an experiments/*.py file with get_config()")
+  train.add_argument("--workdir", required=True,
+                     help="checkpoints, logs and samples go here")
+  evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint")
+  evaluate.add_argument("--workdir", required=True)
+  bench = sub.add_parser("bench", help="time compiled train steps")
+  bench.add_argument("--model", default="cnn",
+                     help="comma-separated model names, or all")
+  bench.add_argument("--batch", default="128", help="comma-separated sizes")
+  bench.add_argument("--steps", type=int, default=20)
+  bench.add_argument("--dtype", default="float32",
+                     choices=["float32", "bfloat16"])
+  bench.add_argument("--devices", default="0",
+                     help="comma-separated device counts (0: all), e.g. "
+                          "1,2,4,8 for data-parallel scaling")
+  bench.add_argument("--input", default="synthetic",
+                     choices=["synthetic", "real"],
+                     help="real: include the input pipeline")
+  bench.add_argument("--output", default="bench.jsonl",
+                     help="JSON lines are appended here ('' for none)")
+  return parser
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  rest, overrides = _split_overrides(argv)
+  args = _parser().parse_args(rest)
+  # Imported late so that `genimg --help` is fast and XLA flags can be set.
+  from genimg_jax import checkpoint, config as config_lib, data, distributed
+  from genimg_jax import train
+  known_errors = (config_lib.ConfigError, data.DataError,
+                  checkpoint.CheckpointError, FloatingPointError, ValueError)
+  try:
+    distributed.maybe_initialize()
+    if args.command == "train":
+      config = config_lib.apply_overrides(
+          config_lib.load_config_file(args.config), overrides)
+      _, metrics = train.train_and_evaluate(config, args.workdir)
+    elif args.command == "eval":
+      metrics = train.evaluate_workdir(args.workdir, overrides)
+    else:
+      from genimg_jax import bench  # pylint: disable=g-import-not-at-top
+      ints = lambda text: [int(x) for x in text.split(",")]
+      bench.run(args.model.split(","), ints(args.batch), ints(args.devices),
+                args.steps, args.dtype, args.input, args.output or None)
+      metrics = None
+  except known_errors as e:
+    print(f"genimg {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  if metrics:
+    print(json.dumps(metrics))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

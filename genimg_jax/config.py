@@ -1,0 +1,114 @@
+"""Loading experiment configs and applying `--config.a.b=value` overrides.
+
+A config is a Python file in `experiments/` whose `get_config()` returns an
+`ml_collections.ConfigDict` (the flax examples' convention). Overrides are typed
+by the field they replace, and an unknown key fails at once with the valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file or an override that cannot be used, with what to do."""
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Imports `path` and returns its `get_config()`, locked against new keys."""
+  if not os.path.isfile(path):
+    raise ConfigError(
+        f"Config file {path!r} does not exist. Pass a file from experiments/, "
+        "for example --config experiments/cnn_fashion_mnist.py.")
+  # Configs import their siblings as `from experiments import base_config`.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location("genimg_experiment_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"Config file {path!r} has no get_config() function.")
+  config = module.get_config()
+  config.lock()
+  return config
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """All leaf keys of `config` as dotted paths, sorted."""
+  keys = []
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(flat_keys(value, f"{prefix}{name}."))
+    else:
+      keys.append(prefix + name)
+  return sorted(keys)
+
+
+def _parse_value(text: str, old_value):
+  """Parses `text` to the type of `old_value` (str fields take text as is)."""
+  if isinstance(old_value, str):
+    return text
+  if isinstance(old_value, bool):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(old_value, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(old_value, tuple) and isinstance(value, (list, int, float, str)):
+    value = tuple(value) if isinstance(value, list) else (value,)
+  if old_value is not None and not isinstance(value, type(old_value)):
+    raise ValueError(
+        f"expected {type(old_value).__name__}, got {text!r} "
+        f"({type(value).__name__})")
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Iterable[str]) -> ml_collections.ConfigDict:
+  """Applies `a.b=value` strings to a copy of `config`.
+
+  Raises ConfigError naming the valid keys when a key does not exist, and the
+  expected type when a value does not parse as the field's type.
+  """
+  config = ml_collections.ConfigDict(config)  # A copy; keeps field types.
+  valid = flat_keys(config)
+  for override in overrides:
+    if "=" not in override:
+      raise ConfigError(f"Override {override!r} must look like key=value.")
+    key, text = override.split("=", 1)
+    if key not in valid:
+      raise ConfigError(
+          f"Unknown config key {key!r}. Valid keys are:\n  " +
+          "\n  ".join(valid))
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    try:
+      node[leaf] = _parse_value(text, node[leaf])
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"Bad value for config key {key!r}: {e}") from None
+  config.lock()
+  return config
+
+
+def model_fingerprint(config: ml_collections.ConfigDict) -> dict:
+  """The config fields that fix the shapes of the state: checked on restore."""
+  fingerprint = {"family": config.family, "model": config.model.to_dict(),
+                 "image_shape": config.data.image_shape}
+  return json.loads(json.dumps(fingerprint))  # Tuples -> lists, as saved.

@@ -1,0 +1,318 @@
+"""Image data: TFDS data sets by name, MNIST-format IDX files, sharded batches.
+
+Every source yields the same thing: uint8 images `[N, H, W, C]` and int32
+labels `[N]`. Fashion-MNIST from TFDS and from Debian's `dataset-fashion-mnist`
+IDX files are the same examples in the same order.
+
+Batches are a pure function of (seed, step): the permutation of an epoch comes
+from `(seed, epoch)`, so a run resumed at step `s` sees exactly the batches an
+uninterrupted run would. Each process reads only its share of the global batch,
+and the shares are assembled into one global array sharded over the mesh.
+Pixels travel as uint8; the train steps convert them on device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import queue
+import struct
+import threading
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from genimg_jax import parallel
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
+               0x0D: ">f4", 0x0E: ">f8"}
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+
+class DataError(ValueError):
+  """Data that cannot be read or does not fit the model, with what to do."""
+
+
+# ----------------------------------------------------------------------------
+# IDX files (MNIST, Fashion-MNIST, KMNIST, ... in their original format).
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads one IDX file (optionally gzipped) into a numpy array."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise DataError(f"Cannot read IDX file {path!r}: {e}. The file is "
+                    "corrupt or truncated; replace it (for Fashion-MNIST: "
+                    "apt-get install --reinstall dataset-fashion-mnist).") from e
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    raise DataError(f"{path!r} is not an IDX file (bad magic number "
+                    f"{raw[:4].hex()!r}); expected e.g. 00000803 for images.")
+  ndim = raw[3]
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise DataError(f"IDX file {path!r} is truncated inside its header.")
+  shape = struct.unpack(f">{ndim}I", raw[4:header])
+  dtype = np.dtype(_IDX_DTYPES[raw[2]])
+  expected = int(np.prod(shape)) * dtype.itemsize
+  if len(raw) - header != expected:
+    raise DataError(
+        f"IDX file {path!r} is truncated or corrupt: its header promises "
+        f"shape {shape} ({expected} bytes of data) but it holds "
+        f"{len(raw) - header}. Replace the file.")
+  return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+  """Writes a uint8 array as an IDX file (gzipped if `path` ends in .gz)."""
+  array = np.ascontiguousarray(array, np.uint8)
+  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(
+      f">{array.ndim}I", *array.shape)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(header + array.tobytes())
+
+
+def _find_idx_file(directory: str, stem: str) -> str:
+  for name in (stem + ".gz", stem):
+    if os.path.isfile(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  raise DataError(
+      f"{directory!r} has no {stem}(.gz). An IDX data directory holds "
+      "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+      "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+  """Examples held in memory: uint8 images [N, H, W, C], int32 labels [N]."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {"image": self.images[indices], "label": self.labels[indices]}
+
+
+def load_idx_split(directory: str, split: str) -> ArraySource:
+  """Reads the `split` ("train" or "test") of an MNIST-format IDX directory."""
+  if not os.path.isdir(directory):
+    hint = (" Install it with: apt-get install dataset-fashion-mnist"
+            if os.path.normpath(directory) == DEBIAN_FASHION_MNIST else "")
+    raise DataError(f"IDX data directory {directory!r} does not exist.{hint}"
+                    " Or set --config.data.idx_dir='' to read "
+                    "--config.data.name through TFDS.")
+  if split not in _IDX_PREFIX:
+    raise DataError(f"IDX directories hold the splits {list(_IDX_PREFIX)}, "
+                    f"not {split!r}.")
+  prefix = _IDX_PREFIX[split]
+  images = read_idx(_find_idx_file(directory, f"{prefix}-images-idx3-ubyte"))
+  labels = read_idx(_find_idx_file(directory, f"{prefix}-labels-idx1-ubyte"))
+  if images.ndim != 3 or labels.ndim != 1:
+    raise DataError(f"IDX images in {directory!r} must be [N, H, W] and labels "
+                    f"[N]; got {images.shape} and {labels.shape}.")
+  if len(images) != len(labels):
+    raise DataError(f"{directory!r}: {len(images)} {split} images but "
+                    f"{len(labels)} labels. The files do not belong together.")
+  return ArraySource(np.asarray(images, np.uint8)[..., None],
+                     np.asarray(labels, np.int32))
+
+
+# ----------------------------------------------------------------------------
+# TFDS.
+
+
+class TfdsSource:
+  """Random access to a TFDS split through `tfds.data_source` (no TensorFlow)."""
+
+  def __init__(self, data_source, image_key: str = "image",
+               label_key: str = "label"):
+    self._source = data_source
+    self._image_key = image_key
+    self._label_key = label_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    examples = [self._source[int(i)] for i in indices]
+    return {"image": np.stack([e[self._image_key] for e in examples]),
+            "label": np.asarray([e.get(self._label_key, 0) for e in examples],
+                                np.int32)}
+
+  def to_arrays(self) -> ArraySource:
+    """Reads the whole split into memory (small data sets)."""
+    batch = self.take(np.arange(len(self)))
+    return ArraySource(batch["image"].astype(np.uint8), batch["label"])
+
+
+def load_tfds_split(name: str, split: str, data_dir: str | None = None,
+                    download: bool = False) -> TfdsSource:
+  """Opens `split` of the TFDS data set `name` for random access."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None,
+                           file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(
+        f"Unknown TFDS data set {name!r}. Image data sets include mnist, "
+        "fashion_mnist, kmnist, emnist, cifar10, cifar100, svhn_cropped, "
+        "celeb_a; the full list is tfds.list_builders() and "
+        "https://www.tensorflow.org/datasets/catalog.") from None
+  if download:
+    builder.download_and_prepare(file_format="array_record")
+  try:
+    return TfdsSource(builder.as_data_source(split=split))
+  except KeyError:
+    raise DataError(
+        f"TFDS data set {name!r} has no prepared {split!r} split in "
+        f"{builder.data_dir!r}. On a machine with internet, set "
+        f"--config.data.download=True (or run `tfds build {name} "
+        "--file_format=array_record`); offline, point --config.data.idx_dir "
+        "at MNIST-format IDX files.") from None
+
+
+def load_split(data_config, split: str) -> ArraySource | TfdsSource:
+  """The `split` of the data set that `data_config` names, checked for shape.
+
+  `data_config.idx_dir` (if set) wins over `data_config.name` read via TFDS.
+  Small data sets are read into memory when `data_config.in_memory` is set.
+  """
+  if data_config.idx_dir:
+    source = load_idx_split(data_config.idx_dir, split)
+  else:
+    source = load_tfds_split(data_config.name, split,
+                             data_config.tfds_data_dir, data_config.download)
+    if data_config.in_memory:
+      source = source.to_arrays()
+  if len(source) == 0:
+    raise DataError(f"The {split} split of {data_config.name!r} is empty.")
+  check_examples(source.take(np.arange(min(len(source), 64))),
+                 tuple(data_config.image_shape), data_config.num_classes)
+  if isinstance(source, ArraySource):
+    check_examples(source.take(np.arange(len(source))),
+                   tuple(data_config.image_shape), data_config.num_classes)
+  return source
+
+
+def check_examples(batch: dict[str, np.ndarray], image_shape: tuple[int, ...],
+                   num_classes: int) -> None:
+  """Raises DataError if images are not `image_shape` or labels out of range."""
+  got = tuple(batch["image"].shape[1:])
+  if got != image_shape:
+    raise DataError(
+        f"Images have shape {got} but the model expects {image_shape}. Set "
+        f"--config.data.image_shape='{got}' and a model for that size, or use "
+        "a data set of the right size.")
+  labels = batch["label"]
+  if num_classes and labels.size and (labels.min() < 0 or
+                                      labels.max() >= num_classes):
+    raise DataError(
+        f"Labels range over [{labels.min()}, {labels.max()}] but the model "
+        f"has {num_classes} classes (config data.num_classes).")
+
+
+# ----------------------------------------------------------------------------
+# Batches.
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Whole global batches in one pass over the data (the remainder dropped)."""
+  if num_examples < global_batch:
+    raise DataError(f"The data set has {num_examples} examples, fewer than "
+                    f"one global batch of {global_batch}.")
+  return num_examples // global_batch
+
+
+def global_batch_indices(num_examples: int, global_batch: int, seed: int,
+                         step: int) -> np.ndarray:
+  """Indices of the global batch for `step`, shuffled per (seed, epoch)."""
+  per_epoch = steps_per_epoch(num_examples, global_batch)
+  epoch, position = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return order[position * global_batch:(position + 1) * global_batch]
+
+
+def process_share(indices: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of a global batch's indices."""
+  return np.split(indices, jax.process_count())[jax.process_index()]
+
+
+def to_global_array(local: dict[str, np.ndarray], mesh: Mesh) -> dict:
+  """Assembles per-process numpy slices into global arrays sharded on data."""
+  sharding = parallel.data_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
+
+
+def _prefetch(make, steps, depth: int = 2) -> Iterator:
+  """Runs `make(step)` for each step in a background thread, `depth` ahead."""
+  q: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def worker():
+    try:
+      for step in steps:
+        if stop.is_set():
+          return
+        q.put((step, make(step)))
+    except Exception as e:  # pylint: disable=broad-except
+      q.put((None, e))
+    q.put((None, None))
+
+  thread = threading.Thread(target=worker, daemon=True)
+  thread.start()
+  try:
+    while True:
+      step, item = q.get()
+      if step is None:
+        if isinstance(item, Exception):
+          raise item
+        return
+      yield step, item
+  finally:
+    stop.set()
+
+
+def train_batches(source, global_batch: int, seed: int, start_step: int,
+                  num_steps: int, mesh: Mesh) -> Iterator[tuple[int, dict]]:
+  """Yields (step, batch) for steps [start_step, num_steps).
+
+  `batch` holds "image" uint8 [B, H, W, C] and "label" int32 [B], global
+  arrays sharded over `mesh`'s data axis. Prefetched in a thread.
+  """
+  parallel.check_global_batch(global_batch, mesh)
+  steps_per_epoch(len(source), global_batch)
+
+  def make(step):
+    indices = global_batch_indices(len(source), global_batch, seed, step)
+    return to_global_array(source.take(process_share(indices)), mesh)
+
+  return _prefetch(make, range(start_step, num_steps))
+
+
+def eval_batches(source, global_batch: int, mesh: Mesh) -> Iterator[dict]:
+  """Yields every example once, in order; the last batch padded.
+
+  Each batch adds "mask" float32 [B]: 1 for real examples, 0 for padding.
+  """
+  parallel.check_global_batch(global_batch, mesh)
+  n = len(source)
+
+  def make(i):
+    indices = np.arange(i * global_batch, (i + 1) * global_batch)
+    mask = (indices < n).astype(np.float32)
+    batch = source.take(process_share(np.minimum(indices, n - 1)))
+    batch["mask"] = process_share(mask)
+    return to_global_array(batch, mesh)
+
+  for _, batch in _prefetch(make, range(-(-n // global_batch))):
+    yield batch

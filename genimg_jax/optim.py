@@ -1,0 +1,31 @@
+"""Optimizers from config: optax transformations with a learning-rate schedule."""
+
+from __future__ import annotations
+
+import optax
+
+
+def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
+  """An optax optimizer from `opt_config` (name, learning_rate, schedule, ...).
+
+  `opt_config.schedule` is "constant" or "cosine" (linear warm-up over
+  `warmup_steps`, then cosine decay to 0 at `num_steps`).
+  """
+  if opt_config.schedule == "constant":
+    lr = opt_config.learning_rate
+  elif opt_config.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, opt_config.learning_rate, opt_config.warmup_steps,
+        max(num_steps, opt_config.warmup_steps + 1))
+  else:
+    raise ValueError(f"Unknown optimizer.schedule {opt_config.schedule!r}; "
+                     "use 'constant' or 'cosine'.")
+  if opt_config.name == "adam":
+    return optax.adamw(lr, b1=opt_config.b1, b2=opt_config.b2,
+                       weight_decay=opt_config.weight_decay)
+  if opt_config.name == "sgd":
+    return optax.chain(optax.add_decayed_weights(opt_config.weight_decay),
+                       optax.sgd(lr, momentum=opt_config.momentum,
+                                 nesterov=True))
+  raise ValueError(f"Unknown optimizer.name {opt_config.name!r}; use 'adam' "
+                   "or 'sgd'.")

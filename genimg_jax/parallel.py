@@ -1,0 +1,50 @@
+"""The device mesh and the shardings of data-parallel training.
+
+The trainer builds one `Mesh` over the devices (a single "data" axis) and
+passes it down; batches are sharded along "data", parameters replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (0: all, every host)."""
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(
+          f"mesh.num_devices={num_devices} but only {len(devices)} devices "
+          f"are visible ({devices[0].platform}). Use mesh.num_devices=0 for "
+          "all of them.")
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise ValueError("With several processes the mesh must span all "
+                       "devices: set mesh.num_devices=0.")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the data axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full copy on every device of the mesh."""
+  return NamedSharding(mesh, P())
+
+
+def check_global_batch(global_batch: int, mesh: Mesh) -> None:
+  """Raises a ValueError unless the batch splits evenly over devices and hosts."""
+  n = mesh.devices.size
+  if global_batch % n or global_batch % jax.process_count():
+    raise ValueError(
+        f"The global batch size {global_batch} is not divisible by the "
+        f"{n} devices of the mesh ({jax.process_count()} processes). Set "
+        f"--config.batch_size to a multiple of {n}, e.g. "
+        f"{max(n, global_batch // n * n)}.")

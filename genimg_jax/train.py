@@ -1,0 +1,224 @@
+"""The trainer: one loop for every model family.
+
+`train_and_evaluate(config, workdir)` builds the mesh once, shards the data,
+compiles the family's pure `train_step(state, batch, rng)` with `jax.jit`
+(state replicated and donated, batch sharded on "data"), resumes from the
+latest orbax checkpoint in `workdir`, and logs per-step metrics fetched one
+step late so the host never stalls the device.
+
+A family module provides `create_train_state(config, rng, num_steps)`,
+`bind_train_step(config)`, `eval_step(state, batch)` and `summarize_eval`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from genimg_jax import checkpoint, classifier, config as config_lib, data
+from genimg_jax import metrics_writer, parallel
+
+FAMILIES = {"classifier": classifier}
+
+
+def family_module(config):
+  if config.family not in FAMILIES:
+    raise config_lib.ConfigError(
+        f"Unknown family {config.family!r}; choose from {sorted(FAMILIES)}.")
+  return FAMILIES[config.family]
+
+
+def total_steps(config, num_train_examples: int) -> int:
+  """config.num_steps if set, else num_epochs whole passes over the data."""
+  if config.num_steps:
+    return config.num_steps
+  return config.num_epochs * data.steps_per_epoch(num_train_examples,
+                                                  config.batch_size)
+
+
+def init_state(config, mesh, rng, num_steps):
+  """The family's initial state, created directly replicated on `mesh`."""
+  family = family_module(config)
+  create = lambda r: family.create_train_state(config, r, num_steps)
+  return jax.jit(create, out_shardings=parallel.replicated(mesh))(rng)
+
+
+def compile_steps(config, mesh):
+  """(train_step, eval_step) jitted with the mesh's shardings bound."""
+  family = family_module(config)
+  repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  train_step = jax.jit(family.bind_train_step(config),
+                       in_shardings=(repl, batch, repl),
+                       out_shardings=(repl, repl), donate_argnums=0)
+  eval_step = jax.jit(family.eval_step, in_shardings=(repl, batch),
+                      out_shardings=repl)
+  return train_step, eval_step
+
+
+def evaluate(eval_step, state, source, config, mesh) -> dict[str, float]:
+  """The family's metrics over all of `source` (sums, then one division)."""
+  sums = None
+  for batch in data.eval_batches(source, config.eval_batch_size, mesh):
+    out = eval_step(state, batch)
+    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  sums = jax.device_get(sums)
+  return {k: float(v) for k, v in
+          family_module(config).summarize_eval(sums).items()}
+
+
+def check_finite(step: int, metrics: dict) -> None:
+  """Raises FloatingPointError naming the step and metric that is not finite."""
+  for name, value in metrics.items():
+    if not math.isfinite(float(value)):
+      raise FloatingPointError(
+          f"Training diverged: metric {name!r} is {float(value)} at step "
+          f"{step}. The last good checkpoint is kept; lower the learning "
+          "rate or check the data.")
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_at_step: int | None = None):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns (state, final eval metrics). `stop_at_step` stops early after
+  saving a checkpoint, as a preempted run would (the metrics are then {}).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh.num_devices)
+  parallel.check_global_batch(config.batch_size, mesh)
+  train_source = data.load_split(config.data, "train")
+  eval_source = data.load_split(config.data, config.data.eval_split)
+  num_steps = total_steps(config, len(train_source))
+
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  state = init_state(config, mesh, init_rng, num_steps)
+  ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
+                                 config.checkpoint_every, config.keep_checkpoints)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+  start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  train_step, eval_step = compile_steps(config, mesh)
+  step_rng = jax.device_put(step_rng, parallel.replicated(mesh))
+  writer = metrics_writer.MetricWriter(workdir)
+  progress = tqdm(total=num_steps, initial=start_step, unit="step",
+                  disable=jax.process_index() != 0, dynamic_ncols=True,
+                  mininterval=1 if sys.stderr.isatty() else 30)
+
+  pending = None  # (step, on-device metrics) of the previous step.
+  window_start, window_steps = time.perf_counter(), 0
+  eval_metrics = {}
+
+  def flush_pending():
+    step, metrics = pending
+    metrics = jax.device_get(metrics)
+    check_finite(step, metrics)
+    writer.write(step, metrics)
+    return metrics
+
+  try:
+    with _Preemption() as preemption:
+      batches = data.train_batches(train_source, config.batch_size,
+                                   config.seed, start_step, num_steps, mesh)
+      for step, batch in batches:
+        state, metrics = train_step(state, batch, step_rng)
+        if pending is not None:
+          last = flush_pending()
+          progress.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
+        pending = (step + 1, metrics)  # Logged as the step count after it.
+        progress.update(1)
+        window_steps += 1
+        done = step + 1
+        stopping = (preemption.requested or done == stop_at_step)
+        if done % config.log_every == 0:
+          jax.block_until_ready(state.step)
+          seconds = time.perf_counter() - window_start
+          writer.write(done, {"steps_per_s": window_steps / seconds,
+                              "images_per_s": window_steps * config.batch_size
+                                              / seconds}, prefix="speed")
+          window_start, window_steps = time.perf_counter(), 0
+        if done % config.checkpoint_every == 0 or done == num_steps or stopping:
+          flush_pending()  # Never checkpoint a state whose loss is NaN.
+          pending = None
+          ckpt.save(done, state, force=True)
+        if config.eval_every and done % config.eval_every == 0 or (
+            done == num_steps):
+          eval_metrics = evaluate(eval_step, state, eval_source, config, mesh)
+          writer.write(done, eval_metrics, prefix="eval")
+          progress.write(f"step {done}: eval " + ", ".join(
+              f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+        if stopping:
+          progress.write(f"Stopping at step {done}: checkpoint saved; run the "
+                         "same command again to resume.")
+          eval_metrics = {}
+          break
+      if pending is not None:
+        flush_pending()
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+  if eval_metrics and jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({"step": int(jax.device_get(state.step)), **eval_metrics}, f)
+  return state, eval_metrics
+
+
+def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
+  """Restores the latest checkpoint of `workdir` and evaluates it."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise checkpoint.CheckpointError(
+        f"{workdir!r} holds no config.json: it is not a genimg workdir. Pass "
+        "the --workdir of a `genimg train` run.")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config = config_lib.apply_overrides(config, overrides)
+  mesh = parallel.make_mesh(config.mesh.num_devices)
+  eval_source = data.load_split(config.data, config.data.eval_split)
+  state = init_state(config, mesh, jax.random.key(0), 1)
+  ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
+                                 config.checkpoint_every, config.keep_checkpoints)
+  try:
+    state = ckpt.restore_latest(state)
+  finally:
+    ckpt.close()
+  if state is None:
+    raise checkpoint.CheckpointError(f"{workdir!r} has no checkpoint yet.")
+  _, eval_step = compile_steps(config, mesh)
+  return {"step": int(jax.device_get(state.step)),
+          **evaluate(eval_step, state, eval_source, config, mesh)}

@@ -1,0 +1,50 @@
+"""Test set-up: 8 emulated CPU devices, and tiny data and configs."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+from genimg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from genimg_jax import data  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_idx_dir(directory, num_train=128, num_test=40, seed=0, hw=28):
+  """Random MNIST-format IDX files; returns (train, test) ArraySources."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  splits = {}
+  for prefix, n in (("train", num_train), ("t10k", num_test)):
+    images = rng.integers(0, 256, (n, hw, hw), dtype=np.uint8)
+    labels = rng.integers(0, 10, (n,), dtype=np.uint8)
+    data.write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"),
+                   images)
+    data.write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"),
+                   labels)
+    splits[prefix] = data.ArraySource(images[..., None], labels.astype(np.int32))
+  return splits["train"], splits["t10k"]
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+  directory = str(tmp_path / "idx")
+  write_idx_dir(directory)
+  return directory
+
+
+def tiny_config(idx_dir, experiment="cnn_fashion_mnist.py", **overrides):
+  """The real experiment config, shrunk to a few steps on tiny data."""
+  config = config_lib.load_config_file(os.path.join(REPO, "experiments",
+                                                    experiment))
+  base = {"data.idx_dir": idx_dir, "batch_size": "16", "eval_batch_size": "16",
+          "num_steps": "6", "checkpoint_every": "3", "log_every": "2",
+          "optimizer.warmup_steps": "2"}
+  base.update({k: str(v) for k, v in overrides.items()})
+  return config_lib.apply_overrides(config, [f"{k}={v}" for k, v in
+                                             base.items()])
