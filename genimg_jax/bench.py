@@ -1,7 +1,7 @@
 """`genimg bench`: throughput of the compiled train steps.
 
 Each model's real train step (the function training uses, jitted with the same
-shardings by `train.compile_steps`) is compiled, warmed up, and timed step by
+shardings by `train.compile_train_step`) is compiled, warmed up, and timed step by
 step, blocking on the new state. Synthetic uint8 data by default, so the step
 is measured alone; `input="real"` includes the input pipeline.
 """
@@ -22,7 +22,8 @@ from genimg_jax import config as config_lib, data, parallel, train
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "experiments")
 # Model name -> the experiment config whose train step is timed.
-MODELS = {"cnn": "cnn_fashion_mnist.py", "resnet": "resnet_fashion_mnist.py"}
+MODELS = {"cnn": "cnn_fashion_mnist.py", "resnet": "resnet_fashion_mnist.py",
+          "dcgan": "dcgan_fashion_mnist.py"}
 
 # Published dense peak FLOP/s per device: (substring of device_kind, float32,
 # bfloat16). float32 on GPUs is the non-tensor-core rate.
@@ -96,7 +97,7 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   mesh = parallel.make_mesh(devices)
   parallel.check_global_batch(batch, mesh)
   state = train.init_state(config, mesh, jax.random.key(0), config.num_steps)
-  train_step, _ = train.compile_steps(config, mesh)
+  train_step = train.compile_train_step(config, mesh)
   rng = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
   batch_data = synthetic_batch(config, mesh)
 

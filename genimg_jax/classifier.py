@@ -21,18 +21,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from genimg_jax import optim
-
-
-def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
-  """2x2 max pooling, stride 2, floor on odd sizes ("VALID").
-
-  Same values as `nn.max_pool(x, (2, 2), (2, 2))`, written as reshape-and-max:
-  XLA's CPU gradient of reduce_window is several times slower than this one.
-  """
-  b, h, w, c = x_BHWC.shape
-  x = x_BHWC[:, :h // 2 * 2, :w // 2 * 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+from genimg_jax import data, layers, optim, parallel
 
 
 class CNN(nn.Module):
@@ -46,9 +35,9 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC, train: bool = False, features: bool = False):
     x = x_BHWC.astype(self.dtype)
-    x = max_pool_2x2(nn.relu(nn.Conv(32, (3, 3), padding="VALID",
+    x = layers.max_pool_2x2(nn.relu(nn.Conv(32, (3, 3), padding="VALID",
                                      dtype=self.dtype)(x)))
-    x = max_pool_2x2(nn.relu(nn.Conv(64, (3, 3), padding="VALID",
+    x = layers.max_pool_2x2(nn.relu(nn.Conv(64, (3, 3), padding="VALID",
                                      dtype=self.dtype)(x)))
     x = nn.relu(nn.Conv(128, (3, 3), padding="VALID", dtype=self.dtype)(x))
     x = nn.relu(nn.Dense(512, dtype=self.dtype)(x.reshape(x.shape[0], -1)))
@@ -201,10 +190,20 @@ def eval_step(state: TrainState, batch: dict) -> dict:
           "count": jnp.sum(mask)}
 
 
-def summarize_eval(sums: dict) -> dict:
-  """Sums from `eval_step` over the split -> loss and accuracy."""
-  return {"loss": sums["loss_sum"] / sums["count"],
-          "accuracy": sums["correct"] / sums["count"]}
+def make_evaluator(config, mesh, eval_source, workdir):
+  """evaluator(state, step) -> {"loss", "accuracy"} over all of eval_source."""
+  del workdir  # Classifiers write no images.
+  step_fn = jax.jit(eval_step, in_shardings=(parallel.replicated(mesh),
+                                             parallel.data_sharding(mesh)),
+                    out_shardings=parallel.replicated(mesh))
+
+  def evaluator(state, step):
+    del step
+    sums = data.sum_over_split(step_fn, state, eval_source,
+                               config.eval_batch_size, mesh)
+    return {"loss": float(sums["loss_sum"] / sums["count"]),
+            "accuracy": float(sums["correct"] / sums["count"])}
+  return evaluator
 
 
 def bind_train_step(config: ml_collections.ConfigDict):

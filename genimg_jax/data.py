@@ -316,3 +316,15 @@ def eval_batches(source, global_batch: int, mesh: Mesh) -> Iterator[dict]:
 
   for _, batch in _prefetch(make, range(-(-n // global_batch))):
     yield batch
+
+
+def sum_over_split(step_fn, state, source, global_batch: int, mesh: Mesh):
+  """Adds up `step_fn(state, batch)`'s pytree of sums over all of `source`.
+
+  Sums stay on device until the end: one transfer, no mean of means.
+  """
+  sums = None
+  for batch in eval_batches(source, global_batch, mesh):
+    out = step_fn(state, batch)
+    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  return jax.device_get(sums)

@@ -7,7 +7,8 @@ latest orbax checkpoint in `workdir`, and logs per-step metrics fetched one
 step late so the host never stalls the device.
 
 A family module provides `create_train_state(config, rng, num_steps)`,
-`bind_train_step(config)`, `eval_step(state, batch)` and `summarize_eval`.
+`bind_train_step(config)` and `make_evaluator(config, mesh, eval_source,
+workdir) -> evaluator(state, step) -> {name: float}`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from genimg_jax import checkpoint, classifier, config as config_lib, data
+from genimg_jax import checkpoint, classifier, config as config_lib, data, gan
 from genimg_jax import metrics_writer, parallel
 
-FAMILIES = {"classifier": classifier}
+FAMILIES = {"classifier": classifier, "gan": gan}
 
 
 def family_module(config):
@@ -52,27 +53,13 @@ def init_state(config, mesh, rng, num_steps):
   return jax.jit(create, out_shardings=parallel.replicated(mesh))(rng)
 
 
-def compile_steps(config, mesh):
-  """(train_step, eval_step) jitted with the mesh's shardings bound."""
-  family = family_module(config)
+def compile_train_step(config, mesh):
+  """The family's train step, jitted: state replicated and donated, batch
+  sharded on "data", metrics replicated."""
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  train_step = jax.jit(family.bind_train_step(config),
-                       in_shardings=(repl, batch, repl),
-                       out_shardings=(repl, repl), donate_argnums=0)
-  eval_step = jax.jit(family.eval_step, in_shardings=(repl, batch),
-                      out_shardings=repl)
-  return train_step, eval_step
-
-
-def evaluate(eval_step, state, source, config, mesh) -> dict[str, float]:
-  """The family's metrics over all of `source` (sums, then one division)."""
-  sums = None
-  for batch in data.eval_batches(source, config.eval_batch_size, mesh):
-    out = eval_step(state, batch)
-    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  sums = jax.device_get(sums)
-  return {k: float(v) for k, v in
-          family_module(config).summarize_eval(sums).items()}
+  return jax.jit(family_module(config).bind_train_step(config),
+                 in_shardings=(repl, batch, repl), out_shardings=(repl, repl),
+                 donate_argnums=0)
 
 
 def check_finite(step: int, metrics: dict) -> None:
@@ -132,7 +119,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  train_step, eval_step = compile_steps(config, mesh)
+  train_step = compile_train_step(config, mesh)
+  evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
+                                                   workdir)
   step_rng = jax.device_put(step_rng, parallel.replicated(mesh))
   writer = metrics_writer.MetricWriter(workdir)
   progress = tqdm(total=num_steps, initial=start_step, unit="step",
@@ -158,7 +147,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, metrics = train_step(state, batch, step_rng)
         if pending is not None:
           last = flush_pending()
-          progress.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
+          progress.set_postfix({k: f"{v:.4g}" for k, v in last.items()
+                                if "loss" in k or k == "accuracy"})
         pending = (step + 1, metrics)  # Logged as the step count after it.
         progress.update(1)
         window_steps += 1
@@ -177,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           ckpt.save(done, state, force=True)
         if config.eval_every and done % config.eval_every == 0 or (
             done == num_steps):
-          eval_metrics = evaluate(eval_step, state, eval_source, config, mesh)
+          eval_metrics = evaluator(state, done)
           writer.write(done, eval_metrics, prefix="eval")
           progress.write(f"step {done}: eval " + ", ".join(
               f"{k}={v:.4f}" for k, v in eval_metrics.items()))
@@ -219,6 +209,7 @@ def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
     ckpt.close()
   if state is None:
     raise checkpoint.CheckpointError(f"{workdir!r} has no checkpoint yet.")
-  _, eval_step = compile_steps(config, mesh)
-  return {"step": int(jax.device_get(state.step)),
-          **evaluate(eval_step, state, eval_source, config, mesh)}
+  step = int(jax.device_get(state.step))
+  evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
+                                                   workdir)
+  return {"step": step, **evaluator(state, step)}

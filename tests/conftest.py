@@ -44,7 +44,10 @@ def tiny_config(idx_dir, experiment="cnn_fashion_mnist.py", **overrides):
                                                     experiment))
   base = {"data.idx_dir": idx_dir, "batch_size": "16", "eval_batch_size": "16",
           "num_steps": "6", "checkpoint_every": "3", "log_every": "2",
-          "optimizer.warmup_steps": "2"}
+          "eval_every": "0", "optimizer.warmup_steps": "2",
+          "eval_samples": "0"}
+  valid = config_lib.flat_keys(config)
+  base = {k: v for k, v in base.items() if k in valid}
   base.update({k: str(v) for k, v in overrides.items()})
   return config_lib.apply_overrides(config, [f"{k}={v}" for k, v in
                                              base.items()])

@@ -1,0 +1,389 @@
+"""GANs: the DCGAN generator and discriminator, the usual losses, one step.
+
+`train_step(state, batch, rng, *, settings) -> (state, metrics)` does
+`n_critic` discriminator updates, then one generator update, then the EMA of
+the generator's parameters. Every draw comes from `rng` folded with the step:
+fresh noise z for each discriminator update and for the generator update,
+dropout masks, and the WGAN-GP interpolation weights (U(0, 1) per example).
+Real images are scaled to [-1, 1] on device; the generator ends in tanh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from genimg_jax import classifier, images as images_lib, layers, optim
+from genimg_jax import parallel, quality
+
+LOSSES = ("non_saturating", "hinge", "least_squares", "wgan_gp")
+
+
+class Generator(nn.Module):
+  """DCGAN generator: Dense -> BN-LeakyReLU -> ConvTranspose stack -> tanh.
+
+  28x28: Dense(7*7*256, no bias) -> ConvT(128, 4x4, s1) -> ConvT(64, 4x4, s2)
+  -> ConvT(C, 4x4, s2). 32x32 and 64x64 start from 4x4 and use only stride-2
+  ConvTs. `num_classes > 0`: a learned label embedding is concatenated to z.
+  """
+  image_shape: tuple[int, int, int] = (28, 28, 1)
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z_BZ, labels_B=None, train: bool = True):
+    h, w, c = self.image_shape
+    if h != w or h not in (28, 32, 64):
+      raise ValueError(f"The DCGAN generator makes 28x28, 32x32 or 64x64 "
+                       f"images, not {h}x{w}.")
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, dtype=self.dtype)
+    act = functools.partial(nn.leaky_relu, negative_slope=0.3)
+    x = z_BZ.astype(self.dtype)
+    if self.num_classes:
+      x = jnp.concatenate([x, nn.Embed(self.num_classes, 50)(labels_B).astype(
+          self.dtype)], axis=-1)
+    base = 7 if h == 28 else 4
+    x = nn.Dense(base * base * 256, use_bias=False, dtype=self.dtype)(x)
+    x = act(norm()(x)).reshape(-1, base, base, 256)
+    if h == 28:
+      plan = [(128, 1), (64, 2)]
+    else:
+      n = int(math.log2(h // base)) - 1
+      plan = [(64 * 2 ** (n - 1 - i), 2) for i in range(n)]
+    for features, stride in plan:
+      if stride == 1:
+        x = nn.ConvTranspose(features, (4, 4), padding="SAME", use_bias=False,
+                             dtype=self.dtype)(x)
+      else:
+        x = layers.ConvTranspose2x(features, 4, use_bias=False,
+                                   dtype=self.dtype)(x)
+      x = act(norm()(x))
+    x = layers.ConvTranspose2x(c, 4, use_bias=False, dtype=self.dtype)(x)
+    return jnp.tanh(x.astype(jnp.float32))
+
+
+class Discriminator(nn.Module):
+  """DCGAN discriminator: Conv(64, 4x4, s2) and Conv(128, 4x4, s2), each
+  LeakyReLU(0.2)-Dropout, then Dense(1) logits [B].
+
+  `spectral_norm`: every layer wrapped in `nn.SpectralNorm` (power-iteration
+  vectors in "batch_stats"). `num_classes > 0`: a projection discriminator
+  (logit += <embed(y), features>).
+  """
+  num_classes: int = 0
+  dropout_rate: float = 0.3
+  spectral_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC, labels_B=None, train: bool = True,
+               update_stats: bool = True):
+    def layer(module, x):
+      if self.spectral_norm:
+        return nn.SpectralNorm(module)(x, update_stats=update_stats and train)
+      return module(x)
+
+    x = x_BHWC.astype(self.dtype)
+    widths = (64, 128) if x.shape[1] <= 32 else (64, 128, 256)
+    for features in widths:
+      x = layer(nn.Conv(features, (4, 4), (2, 2), padding="SAME",
+                        dtype=self.dtype), x)
+      x = nn.leaky_relu(x, 0.2)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    h = x.reshape(x.shape[0], -1)
+    logits = layer(nn.Dense(1, dtype=self.dtype), h)[:, 0]
+    if self.num_classes:
+      embedding = nn.Embed(self.num_classes, h.shape[-1])(labels_B)
+      logits = logits + jnp.sum(embedding * h, axis=-1)
+    return logits.astype(jnp.float32)
+
+
+def discriminator_loss(kind: str, real_logits, fake_logits) -> jax.Array:
+  """Per-example discriminator loss [B] of GAN loss `kind` (not the GP)."""
+  if kind == "non_saturating":
+    return jax.nn.softplus(-real_logits) + jax.nn.softplus(fake_logits)
+  if kind == "hinge":
+    return jax.nn.relu(1.0 - real_logits) + jax.nn.relu(1.0 + fake_logits)
+  if kind == "least_squares":
+    return 0.5 * (real_logits - 1.0) ** 2 + 0.5 * fake_logits ** 2
+  if kind == "wgan_gp":
+    return fake_logits - real_logits
+  raise ValueError(f"Unknown GAN loss {kind!r}; choose from {LOSSES}.")
+
+
+def generator_loss(kind: str, fake_logits) -> jax.Array:
+  """Per-example generator loss [B] of GAN loss `kind`."""
+  if kind == "non_saturating":
+    return jax.nn.softplus(-fake_logits)
+  if kind in ("hinge", "wgan_gp"):
+    return -fake_logits
+  if kind == "least_squares":
+    return 0.5 * (fake_logits - 1.0) ** 2
+  raise ValueError(f"Unknown GAN loss {kind!r}; choose from {LOSSES}.")
+
+
+def gradient_penalty(d_fn, real, fake, rng) -> jax.Array:
+  """WGAN-GP: mean over examples of (||grad_x D(x_hat)||_2 - 1)^2.
+
+  x_hat = eps * real + (1 - eps) * fake with eps ~ U(0, 1) per example.
+  d_fn: images [B, H, W, C] -> logits [B]. rng: draws eps.
+  """
+  eps = jax.random.uniform(rng, (real.shape[0], 1, 1, 1))
+  x_hat = eps * real + (1.0 - eps) * fake
+  grads = jax.grad(lambda x: jnp.sum(d_fn(x)))(x_hat)
+  norms = jnp.sqrt(jnp.sum(grads ** 2, axis=(1, 2, 3)) + 1e-12)
+  return jnp.mean((norms - 1.0) ** 2)
+
+
+class GANState(flax.struct.PyTreeNode):
+  """Both networks' TrainStates (params, optimizer state, batch_stats), the
+  EMA of the generator's parameters, and the step."""
+  step: jax.Array
+  g: classifier.TrainState
+  d: classifier.TrainState
+  ema_params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static choices of a GAN step (hashable, bound with partial)."""
+  loss: str = "non_saturating"
+  n_critic: int = 1
+  gp_weight: float = 10.0
+  ema_decay: float = 0.999
+  z_dim: int = 100
+  conditional: bool = False
+  skip_nonfinite: bool = False
+
+
+def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
+  gan = config.gan
+  if gan.loss not in LOSSES:
+    raise ValueError(f"Unknown gan.loss {gan.loss!r}; choose from {LOSSES}.")
+  return Settings(gan.loss, gan.n_critic, gan.gp_weight, gan.ema_decay,
+                  gan.z_dim, gan.conditional, gan.skip_nonfinite)
+
+
+def make_models(config) -> tuple[Generator, Discriminator]:
+  num_classes = config.data.num_classes if config.gan.conditional else 0
+  dtype = jnp.dtype(config.model.dtype)
+  return (Generator(tuple(config.data.image_shape), num_classes, dtype),
+          Discriminator(num_classes, config.model.dropout_rate,
+                        config.model.spectral_norm, dtype))
+
+
+def create_train_state(config, rng: jax.Array, num_steps: int) -> GANState:
+  """Fresh GAN state. rng: both networks' initial parameters."""
+  del num_steps  # GANs here use constant learning rates.
+  generator, discriminator = make_models(config)
+  g_rng, d_rng = jax.random.split(rng)
+  z = jnp.zeros((2, config.gan.z_dim))
+  labels = jnp.zeros((2,), jnp.int32)
+  g_vars = generator.init(g_rng, z, labels, train=False)
+  d_vars = discriminator.init(
+      {"params": d_rng}, jnp.zeros((2, *config.data.image_shape)), labels,
+      train=False)
+
+  def make(module, variables, opt):
+    return classifier.TrainState.create(
+        apply_fn=module.apply, params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=optim.make_optimizer(opt, 0))
+
+  g = make(generator, g_vars, config.optimizer.generator)
+  return GANState(step=jnp.zeros((), jnp.int32), g=g,
+                  d=make(discriminator, d_vars, config.optimizer.discriminator),
+                  ema_params=g.params)
+
+
+def generate(g: classifier.TrainState, params, z_BZ, labels_B) -> jax.Array:
+  """Images in [-1, 1] [B, H, W, C] from the generator in inference mode."""
+  return g.apply_fn({"params": params, "batch_stats": g.batch_stats}, z_BZ,
+                    labels_B, train=False)
+
+
+def _where_finite(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def train_step(state: GANState, batch: dict, rng: jax.Array, *,
+               settings: Settings) -> tuple[GANState, dict]:
+  """n_critic discriminator updates, one generator update, the EMA update.
+
+  batch: image uint8 [B, H, W, C], label int32 [B]. With n_critic > 1 the
+  real batch is split into n_critic equal parts, one per critic update.
+  rng: folded with state.step, then per update into z, dropout and GP keys.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  real_all = classifier.to_float(batch["image"]) * 2.0 - 1.0
+  labels_all = batch["label"] if settings.conditional else None
+  kind = settings.loss
+  g, d = state.g, state.d
+  chunk = real_all.shape[0] // settings.n_critic
+
+  def g_apply(params, z, labels, batch_stats):
+    return g.apply_fn({"params": params, "batch_stats": batch_stats}, z,
+                      labels, train=True, mutable=["batch_stats"])
+
+  def d_apply(params, batch_stats, images, labels, dropout_rng, update_stats):
+    return d.apply_fn({"params": params, "batch_stats": batch_stats}, images,
+                      labels, train=True, update_stats=update_stats,
+                      rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+
+  metrics = {}
+  for i in range(settings.n_critic):
+    z_rng, drop_rng, gp_rng = jax.random.split(jax.random.fold_in(rng, i), 3)
+    real = real_all[i * chunk:(i + 1) * chunk]
+    labels = None if labels_all is None else labels_all[i * chunk:
+                                                        (i + 1) * chunk]
+    z = jax.random.normal(z_rng, (chunk, settings.z_dim))
+    fake = jax.lax.stop_gradient(g_apply(g.params, z, labels,
+                                         g.batch_stats)[0])
+
+    def d_loss_fn(params):
+      real_logits, stats = d_apply(params, d.batch_stats, real, labels,
+                                   drop_rng, True)
+      fake_logits, stats = d_apply(params, stats["batch_stats"], fake, labels,
+                                   drop_rng, True)
+      loss = jnp.mean(discriminator_loss(kind, real_logits, fake_logits))
+      gp = jnp.zeros(())
+      if kind == "wgan_gp":
+        gp = gradient_penalty(
+            lambda x: d_apply(params, stats["batch_stats"], x, labels,
+                              drop_rng, False)[0], real, fake, gp_rng)
+        loss = loss + settings.gp_weight * gp
+      return loss, (stats["batch_stats"], real_logits, fake_logits, gp)
+
+    (d_loss, (d_stats, real_logits, fake_logits, gp)), d_grads = (
+        jax.value_and_grad(d_loss_fn, has_aux=True)(d.params))
+    d = d.apply_gradients(grads=d_grads, batch_stats=d_stats)
+    metrics = {"d_loss": d_loss, "d_real": jnp.mean(real_logits),
+               "d_fake": jnp.mean(fake_logits), "gp": gp}
+
+  z_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, settings.n_critic))
+  z = jax.random.normal(z_rng, (real_all.shape[0], settings.z_dim))
+
+  def g_loss_fn(params):
+    fake, g_stats = g_apply(params, z, labels_all, g.batch_stats)
+    fake_logits, _ = d_apply(d.params, d.batch_stats, fake, labels_all,
+                             drop_rng, False)
+    return jnp.mean(generator_loss(kind, fake_logits)), g_stats["batch_stats"]
+
+  (g_loss, g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+      g.params)
+  g = g.apply_gradients(grads=g_grads, batch_stats=g_stats)
+  # EMA with a warm-up so early samples are not dominated by the init.
+  decay = jnp.minimum(settings.ema_decay,
+                      (1.0 + state.step) / (10.0 + state.step))
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                     state.ema_params, g.params)
+  metrics.update(g_loss=g_loss, g_grad_norm=optax.tree.norm(g_grads),
+                 d_grad_norm=optax.tree.norm(d_grads))
+  new_state = state.replace(step=state.step + 1, g=g, d=d, ema_params=ema)
+  if settings.skip_nonfinite:
+    ok = jnp.all(jnp.array([jnp.isfinite(v) for v in jax.tree.leaves(
+        metrics)]))
+    new_state = _where_finite(ok, new_state,
+                              state.replace(step=state.step + 1))
+    metrics = {k: jnp.where(ok, v, 0.0) for k, v in metrics.items()}
+    metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+  return new_state, metrics
+
+
+def bind_train_step(config):
+  """The GAN step with the config's static settings bound."""
+  settings = settings_from_config(config)
+  if config.batch_size % settings.n_critic:
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
+                     f"gan.n_critic {settings.n_critic}.")
+  return functools.partial(train_step, settings=settings)
+
+
+def make_sampler(mesh):
+  """jit of generate(): z [N, Z] and labels [N] sharded on "data"."""
+  repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(lambda g, params, z, labels: generate(g, params, z, labels),
+                 in_shardings=(repl, repl, batch, batch), out_shardings=batch)
+
+
+def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
+                 batch_size: int = 512):
+  """uint8 images [N, H, W, C] from the EMA generator, in sharded batches."""
+  batch_size -= batch_size % mesh.devices.size
+  sharding = parallel.data_sharding(mesh)
+  out = []
+  for start in range(0, len(z_NZ), batch_size):
+    z = np.asarray(z_NZ[start:start + batch_size])
+    labels = np.asarray(labels_N[start:start + batch_size])
+    real = len(z)
+    if real < batch_size:  # Pad to a whole, shardable batch.
+      z = np.concatenate([z, np.zeros((batch_size - real, z.shape[1]),
+                                      z.dtype)])
+      labels = np.concatenate([labels, np.zeros(batch_size - real,
+                                                labels.dtype)])
+    images = sampler(state.g, state.ema_params, jax.device_put(z, sharding),
+                     jax.device_put(labels, sharding))
+    out.append(images_lib.to_uint8(np.asarray(images)[:real]))
+  return np.concatenate(out)
+
+
+def make_evaluator(config, mesh, eval_source, workdir):
+  """evaluator(state, step) -> {"fid", "score"}; writes PNG grids.
+
+  Every evaluation writes samples/step_N.png (64 samples from fixed noise),
+  samples/interp_N.png (latent interpolations) and, for conditional models,
+  samples/classes_N.png (one row per class). FID and score use
+  config.eval_samples samples against all of eval_source (0: none).
+  """
+  settings = settings_from_config(config)
+  sampler = make_sampler(mesh)
+  num_classes = config.data.num_classes
+  fixed_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
+                                         (64, settings.z_dim)))
+  fixed_labels = np.arange(64, dtype=np.int32) % num_classes
+  interp_z = np.asarray(images_lib.interpolation_latents(
+      jax.random.key(config.seed + 2), 8, 10, settings.z_dim))
+  class_z = np.repeat(fixed_z[:10][None], num_classes, 0).reshape(
+      -1, settings.z_dim)
+  class_labels = np.repeat(np.arange(num_classes, dtype=np.int32), 10)
+  metric = None
+  if config.eval_samples:
+    metric = quality.QualityMetrics(
+        quality.load_feature_network(mesh),
+        eval_source.take(np.arange(len(eval_source)))["image"])
+  sample_dir = os.path.join(workdir, "samples")
+
+  def evaluator(state, step):
+    write = jax.process_index() == 0
+    grid = sample_uint8(sampler, state, fixed_z, fixed_labels, mesh)
+    interp = sample_uint8(sampler, state, interp_z,
+                          np.repeat(fixed_labels[:8], 10), mesh)
+    if write:
+      images_lib.save_grid(os.path.join(sample_dir, f"step_{step:06d}.png"),
+                           grid, 8)
+      images_lib.save_grid(os.path.join(sample_dir, f"interp_{step:06d}.png"),
+                           interp, 10)
+      if settings.conditional:
+        images_lib.save_grid(
+            os.path.join(sample_dir, f"classes_{step:06d}.png"),
+            sample_uint8(sampler, state, class_z, class_labels, mesh), 10)
+    if metric is None:
+      return {}
+    rng = jax.random.fold_in(jax.random.key(config.seed + 3), step)
+    z = np.asarray(jax.random.normal(rng, (config.eval_samples,
+                                           settings.z_dim)))
+    labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
+    return metric(sample_uint8(sampler, state, z, labels, mesh))
+  return evaluator

@@ -1,0 +1,66 @@
+"""PNG sample grids and latent interpolations."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray, low: float = -1.0,
+             high: float = 1.0) -> np.ndarray:
+  """Float images in [low, high] -> uint8 [0, 255] (clipped, rounded)."""
+  scaled = (np.asarray(images, np.float32) - low) / (high - low)
+  return np.clip(np.round(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+def grid(images_NHWC: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, C] into one [rows*(H+pad)+pad, ..., C]."""
+  n, h, w, c = images_NHWC.shape
+  rows = -(-n // columns)
+  canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255,
+                   np.uint8)
+  for i, image in enumerate(images_NHWC):
+    r, col = divmod(i, columns)
+    canvas[pad + r * (h + pad):pad + r * (h + pad) + h,
+           pad + col * (w + pad):pad + col * (w + pad) + w] = image
+  return canvas
+
+
+def save_grid(path: str, images_NHWC: np.ndarray, columns: int,
+              scale: int = 2) -> str:
+  """Writes uint8 images [N, H, W, C] as one PNG grid, upscaled `scale`x."""
+  canvas = grid(np.asarray(images_NHWC), columns)
+  if canvas.shape[-1] == 1:
+    canvas = canvas[..., 0]
+  image = Image.fromarray(canvas)
+  if scale > 1:
+    image = image.resize((image.width * scale, image.height * scale),
+                         Image.NEAREST)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  image.save(path)
+  return path
+
+
+def slerp(z0: jax.Array, z1: jax.Array, num: int) -> jax.Array:
+  """Spherical interpolation between latents z0, z1 [Z] -> [num, Z]."""
+  t = jnp.linspace(0.0, 1.0, num)[:, None]
+  cos = jnp.dot(z0, z1) / (jnp.linalg.norm(z0) * jnp.linalg.norm(z1))
+  omega = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
+  sin = jnp.sin(omega)
+  linear = (1 - t) * z0 + t * z1
+  spherical = (jnp.sin((1 - t) * omega) * z0 + jnp.sin(t * omega) * z1) / sin
+  return jnp.where(sin < 1e-6, linear, spherical)
+
+
+def interpolation_latents(rng: jax.Array, rows: int, columns: int,
+                          z_dim: int) -> jax.Array:
+  """[rows * columns, Z]: each row slerps between two random latents.
+
+  rng: draws the 2 * rows end points.
+  """
+  ends = jax.random.normal(rng, (rows, 2, z_dim))
+  return jnp.concatenate([slerp(e[0], e[1], columns) for e in ends])

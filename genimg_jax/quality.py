@@ -1,0 +1,155 @@
+"""Sample-quality metrics with the project's own Fashion-MNIST classifier.
+
+FID: the Frechet distance between Gaussians fitted to the classifier's
+penultimate features (the ResNet's pooled activations, 64 numbers) of
+generated and of real images. Score: the Inception-Score analogue
+exp(E_x KL(p(y|x) || p(y))) over the classifier's class probabilities, in one
+split. Generated images in [-1, 1] are quantized to uint8 first, exactly as a
+PNG of them would be, so real and generated images go through the same
+preprocessing (x / 255). The network ships in `genimg_jax/assets/` with its
+SHA-256; `experiments/resnet_fashion_mnist.py` retrains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genimg_jax import classifier, parallel
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+FEATURE_NETWORK = os.path.join(ASSETS, "fashion_mnist_resnet.msgpack")
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+  """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), in float64.
+
+  tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of the
+  symmetric PSD matrix S1^1/2 S2 S1^1/2, computed with `eigh` (stable where
+  a general matrix square root of S1 S2 is not).
+  """
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2,
+                                                              np.float64)
+  w, v = np.linalg.eigh(sigma1)
+  sqrt1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  eig = np.linalg.eigvalsh(sqrt1 @ sigma2 @ sqrt1)
+  trace_sqrt = np.sum(np.sqrt(np.clip(eig, 0, None)))
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+               - 2 * trace_sqrt)
+
+
+def gaussian_stats(features_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [D], covariance [D, D]) in float64."""
+  features = np.asarray(features_ND, np.float64)
+  return features.mean(0), np.cov(features, rowvar=False)
+
+
+def classifier_score(probs_NK: np.ndarray, eps: float = 1e-12) -> float:
+  """exp(mean_x KL(p(y|x) || p(y))) over all of `probs` (one split)."""
+  probs = np.asarray(probs_NK, np.float64)
+  marginal = probs.mean(0, keepdims=True)
+  kl = np.sum(probs * (np.log(probs + eps) - np.log(marginal + eps)), axis=1)
+  return float(np.exp(kl.mean()))
+
+
+def file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def save_feature_network(state, model_config, path: str = FEATURE_NETWORK):
+  """Writes a trained ResNet classifier's variables and settings."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  variables = jax.device_get({"params": state.params,
+                              "batch_stats": state.batch_stats})
+  with open(path, "wb") as f:
+    f.write(flax.serialization.to_bytes(variables))
+  meta = {"width": model_config.width,
+          "blocks_per_stage": list(model_config.blocks_per_stage),
+          "sha256": file_sha256(path)}
+  with open(path + ".json", "w") as f:
+    json.dump(meta, f, indent=2)
+  return meta
+
+
+@dataclasses.dataclass
+class FeatureNetwork:
+  """The classifier used as the feature network, jitted over a mesh."""
+  model: classifier.ResNet
+  variables: dict
+  mesh: jax.sharding.Mesh
+  batch_size: int = 512
+
+  def __post_init__(self):
+    def features_and_probs(variables, images_uint8):
+      x = classifier.to_float(images_uint8)
+      features = self.model.apply(variables, x, features=True)
+      logits = self.model.apply(variables, x)
+      return features, jax.nn.softmax(logits)
+    repl = parallel.replicated(self.mesh)
+    data = parallel.data_sharding(self.mesh)
+    self._apply = jax.jit(features_and_probs, in_shardings=(repl, data),
+                          out_shardings=(data, data))
+    self.variables = jax.device_put(self.variables, repl)
+
+  def __call__(self, images_uint8: np.ndarray):
+    """uint8 images [N, H, W, C] -> (features [N, D], probs [N, K]) numpy."""
+    n = len(images_uint8)
+    step = self.batch_size - self.batch_size % self.mesh.devices.size
+    features, probs = [], []
+    for start in range(0, n, step):
+      chunk = np.asarray(images_uint8[start:start + step])
+      real = len(chunk)
+      if real < step:  # Pad the last chunk to a whole, shardable batch.
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, 0)])
+      f, p = self._apply(self.variables,
+                         jax.device_put(chunk, parallel.data_sharding(
+                             self.mesh)))
+      features.append(np.asarray(f)[:real])
+      probs.append(np.asarray(p)[:real])
+    return np.concatenate(features), np.concatenate(probs)
+
+
+def load_feature_network(mesh, path: str = FEATURE_NETWORK) -> FeatureNetwork:
+  """The shipped Fashion-MNIST ResNet, checked against its SHA-256."""
+  if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
+    raise FileNotFoundError(
+        f"Feature network {path!r} is missing. Train it with "
+        "`genimg train --config experiments/resnet_fashion_mnist.py` and "
+        "export it (see README, Sample quality).")
+  with open(path + ".json") as f:
+    meta = json.load(f)
+  if file_sha256(path) != meta["sha256"]:
+    raise ValueError(f"Feature network {path!r} does not match its SHA-256 "
+                     f"{meta['sha256']}: the file is corrupt or was changed.")
+  model = classifier.ResNet(10, meta["width"], tuple(meta["blocks_per_stage"]))
+  template = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+  with open(path, "rb") as f:
+    variables = flax.serialization.from_bytes(
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), f.read())
+  return FeatureNetwork(model, variables, mesh)
+
+
+class QualityMetrics:
+  """FID and score of generated images against one real split."""
+
+  def __init__(self, network: FeatureNetwork, real_images_uint8: np.ndarray):
+    self.network = network
+    features, _ = network(real_images_uint8)
+    self.real_stats = gaussian_stats(features)
+
+  def __call__(self, fake_images_uint8: np.ndarray) -> dict[str, float]:
+    features, probs = self.network(fake_images_uint8)
+    return {"fid": frechet_distance(*gaussian_stats(features),
+                                    *self.real_stats),
+            "score": classifier_score(probs)}

@@ -1,0 +1,69 @@
+"""`genimg bench`: what it reports (never how fast)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from genimg_jax import bench, classifier, parallel, train
+
+
+def test_flops_match_a_hand_count_for_a_dense_layer():
+  x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+  compiled = jax.jit(lambda a, b: a @ b).lower(x, w).compile()
+  assert bench.flops_of(compiled) == 2 * 8 * 16 * 4
+
+
+def test_cnn_forward_flops_match_a_hand_count():
+  model = classifier.CNN(10)
+  x = jnp.zeros((4, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x)
+  compiled = jax.jit(model.apply).lower(variables, x).compile()
+  macs = (26 * 26 * 32 * 9 * 1 + 11 * 11 * 64 * 9 * 32 + 3 * 3 * 128 * 9 * 64
+          + 1152 * 512 + 512 * 10)
+  assert bench.flops_of(compiled) == pytest.approx(4 * 2 * macs, rel=0.05)
+
+
+def test_bench_record_fields(tmp_path):
+  out = tmp_path / "bench.jsonl"
+  records = bench.run(["cnn"], [16], [1, 8], steps=2, dtype="float32",
+                      input_pipeline="synthetic", output=str(out))
+  assert [r["devices"] for r in records] == [1, 8]
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert lines == records
+  for r in records:
+    for key in ("model", "batch", "devices", "device_kind", "dtype",
+                "compile_s", "step_ms_median", "step_ms_min", "step_ms_max",
+                "images_per_s", "flops_per_step", "flops_per_s",
+                "peak_flops_per_s", "fraction_of_peak", "scaling_efficiency"):
+      assert key in r, key
+    assert r["flops_per_step"] > 0
+    assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+    assert r["images_per_s"] == pytest.approx(16 / r["step_ms_median"] * 1e3)
+    assert 0 < r["fraction_of_peak"]
+  assert records[0]["scaling_efficiency"] == 1.0
+  # A train step costs about 3 forward passes (forward, 2 backward matmuls).
+  assert 2.5 < records[0]["flops_per_step"] / (16 * 7.37e6) < 3.5
+
+
+def test_bench_unknown_model():
+  with pytest.raises(ValueError, match="Unknown model 'gpt'"):
+    bench.load_model_config("gpt", 16, "float32", 1)
+
+
+def test_train_step_compiles_once_and_keeps_the_host_out():
+  config = bench.load_model_config("cnn", 16, "float32", 0)
+  mesh = parallel.make_mesh()
+  state = train.init_state(config, mesh, jax.random.key(0), 10)
+  train_step = train.compile_train_step(config, mesh)
+  batch = bench.synthetic_batch(config, mesh)
+  rng = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
+  state, _ = train_step(state, batch, rng)
+  with jax.transfer_guard("disallow"):
+    for _ in range(3):
+      state, metrics = train_step(state, batch, rng)
+  assert train_step._cache_size() == 1  # pylint: disable=protected-access
+  assert int(state.step) == 4
+  assert np.isfinite(float(metrics["loss"]))
