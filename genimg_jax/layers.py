@@ -41,12 +41,14 @@ def conv_transpose_stride2(x_BHWC: jax.Array, kernel_KKIO: jax.Array,
   but no zero-dilated input: XLA's CPU weight gradient of the dilated form is
   about 20x slower than its forward pass.
 
-  x: [B, H, W, I]; kernel: [K, K, I, O] (Flax ConvTranspose layout). Returns
+  x: [B, H, W, I]; kernel: [K, K, I, O] (Flax ConvTranspose layout), K >= 2.
+  Returns
   [B, 2H, 2W, O].
   """
   b, h, w, _ = x_BHWC.shape
   k = kernel_KKIO.shape[0]
   pad_lo = k - 1 if k < 3 else -(-k // 2)  # lax's "SAME" for conv_transpose.
+  # With an odd kernel the phases have different numbers of taps; fine.
   rows = []
   for p in range(2):
     row_taps, row_offsets = _phase_taps(k, pad_lo, p)
@@ -70,7 +72,7 @@ class ConvTranspose2x(nn.Module):
   The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
   computed by `conv_transpose_stride2` (7x faster gradient for 128 -> 64
   channels at batch 128 on CPU). With fewer than `min_phase_features` output
-  channels, XLA's own dilated form is faster and is used. Even kernel sizes.
+  channels, XLA's own dilated form is faster and is used.
   """
   features: int
   kernel_size: int = 4
@@ -81,8 +83,6 @@ class ConvTranspose2x(nn.Module):
 
   @nn.compact
   def __call__(self, x_BHWC):
-    if self.kernel_size % 2:
-      raise ValueError("ConvTranspose2x needs an even kernel size.")
     kernel = self.param("kernel", self.kernel_init,
                         (self.kernel_size, self.kernel_size, x_BHWC.shape[-1],
                          self.features))

@@ -26,9 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from genimg_jax import checkpoint, classifier, config as config_lib, data, gan
-from genimg_jax import metrics_writer, parallel
+from genimg_jax import metrics_writer, parallel, vae
 
-FAMILIES = {"classifier": classifier, "gan": gan}
+FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae}
 
 
 def family_module(config):

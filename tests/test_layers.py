@@ -10,7 +10,8 @@ from genimg_jax import layers
 
 
 @pytest.mark.parametrize("batch,size,cin,cout,kernel", [
-    (2, 7, 16, 8, 4), (3, 5, 4, 3, 4), (2, 4, 3, 16, 2), (1, 6, 2, 1, 4)])
+    (2, 7, 16, 8, 4), (3, 5, 4, 3, 4), (2, 4, 3, 16, 2), (1, 6, 2, 1, 4),
+    (2, 7, 8, 16, 3), (2, 5, 4, 8, 5)])
 def test_conv_transpose_2x_matches_flax(batch, size, cin, cout, kernel):
   x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
   flax_layer = nn.ConvTranspose(cout, (kernel, kernel), (2, 2), padding="SAME")
@@ -31,12 +32,13 @@ def test_conv_transpose_2x_matches_flax(batch, size, cin, cout, kernel):
 def test_conv_transpose_2x_phase_path_itself():
   """The 4-convolution path (not the fallback) against lax.conv_transpose."""
   x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
-  k = jax.random.normal(jax.random.key(1), (4, 4, 3, 2))
-  np.testing.assert_allclose(
-      layers.conv_transpose_stride2(x, k),
-      jax.lax.conv_transpose(x, k, (2, 2), "SAME",
-                             dimension_numbers=("NHWC", "HWIO", "NHWC")),
-      atol=1e-5)
+  for size in (2, 3, 4, 5):
+    k = jax.random.normal(jax.random.key(size), (size, size, 3, 2))
+    np.testing.assert_allclose(
+        layers.conv_transpose_stride2(x, k),
+        jax.lax.conv_transpose(x, k, (2, 2), "SAME",
+                               dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        atol=1e-5)
 
 
 def test_max_pool_matches_flax_max_pool():

@@ -1,0 +1,439 @@
+"""VAEs: MLP and convolutional, beta-VAE, class-conditional; ELBO and IWAE.
+
+The encoder gives the mean and log-variance of q(z|x) = N(mu, diag(exp(lv))),
+z is drawn by reparameterisation from an explicit key, and the loss is the
+negative ELBO: -log p(x|z) + beta * KL(q(z|x) || N(0, I)) with the KL in
+closed form. Likelihoods:
+  "bernoulli": dynamically binarized pixels (a fresh Bernoulli(x / 255) draw
+      each time an image is used, from an explicit key); decoder logits.
+  "logistic": a discretized logistic over the 256 pixel values (PixelCNN++
+      style, one component); decoder means and log-scales; bits per dim.
+All log-likelihoods are in nats per image unless named bits_per_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from genimg_jax import classifier, data, images as images_lib, layers, optim
+from genimg_jax import parallel, quality
+
+LIKELIHOODS = ("bernoulli", "logistic")
+
+
+def kl_to_standard_normal(mean_BZ, logvar_BZ) -> jax.Array:
+  """KL(N(mean, exp(logvar)) || N(0, I)) per example [B], closed form."""
+  return 0.5 * jnp.sum(jnp.exp(logvar_BZ) + mean_BZ ** 2 - 1.0 - logvar_BZ,
+                       axis=-1)
+
+
+def gaussian_log_prob(z, mean, logvar) -> jax.Array:
+  """log N(z; mean, diag(exp(logvar))) summed over the last axis."""
+  return -0.5 * jnp.sum(math.log(2 * math.pi) + logvar +
+                        (z - mean) ** 2 * jnp.exp(-logvar), axis=-1)
+
+
+def bernoulli_log_prob(x_bin, logits) -> jax.Array:
+  """log p(x | logits) summed over pixels [B, ...] -> [B]; x in {0, 1}."""
+  ll = x_bin * jax.nn.log_sigmoid(logits) + (1 - x_bin) * jax.nn.log_sigmoid(
+      -logits)
+  return jnp.sum(ll.reshape(ll.shape[0], -1), axis=-1)
+
+
+def discretized_logistic_log_prob(x_uint8, mean, log_scale) -> jax.Array:
+  """log P(x) of 8-bit pixels under a logistic discretized to 256 bins.
+
+  x: uint8 [B, H, W, C]; mean in [-1, 1] scale, log_scale: same shape.
+  The edge bins take the tails (x = 0: (-inf, -1 + 1/255]; x = 255:
+  [1 - 1/255, inf)). Returns [B], summed over pixels.
+  """
+  x = x_uint8.astype(jnp.float32) / 127.5 - 1.0
+  inv_scale = jnp.exp(-log_scale)
+  plus = inv_scale * (x - mean + 1.0 / 255.0)
+  minus = inv_scale * (x - mean - 1.0 / 255.0)
+  cdf_delta = jax.nn.sigmoid(plus) - jax.nn.sigmoid(minus)
+  log_cdf_plus = plus - jax.nn.softplus(plus)          # log sigmoid(plus)
+  log_one_minus_cdf_minus = -jax.nn.softplus(minus)    # log (1 - sigmoid)
+  mid = inv_scale * (x - mean)
+  # Where the bin is too narrow for the float difference, use the density.
+  log_pdf_mid = mid - log_scale - 2.0 * jax.nn.softplus(mid) + math.log(
+      2.0 / 255.0)
+  inner = jnp.where(cdf_delta > 1e-5,
+                    jnp.log(jnp.maximum(cdf_delta, 1e-12)), log_pdf_mid)
+  ll = jnp.where(x_uint8 == 0, log_cdf_plus,
+                 jnp.where(x_uint8 == 255, log_one_minus_cdf_minus, inner))
+  return jnp.sum(ll.reshape(ll.shape[0], -1), axis=-1)
+
+
+class MLPEncoder(nn.Module):
+  latent_dim: int
+  hidden: int = 500
+
+  @nn.compact
+  def __call__(self, x_BHWC, cond_BK=None):
+    x = x_BHWC.reshape(x_BHWC.shape[0], -1)
+    if cond_BK is not None:
+      x = jnp.concatenate([x, cond_BK], -1)
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    out = nn.Dense(2 * self.latent_dim)(x)
+    return jnp.split(out, 2, axis=-1)
+
+
+class MLPDecoder(nn.Module):
+  image_shape: tuple[int, int, int]
+  outputs_per_pixel: int
+  hidden: int = 500
+
+  @nn.compact
+  def __call__(self, z_BZ, cond_BK=None):
+    if cond_BK is not None:
+      z_BZ = jnp.concatenate([z_BZ, cond_BK], -1)
+    x = nn.relu(nn.Dense(self.hidden)(z_BZ))
+    x = nn.Dense(int(np.prod(self.image_shape)) * self.outputs_per_pixel)(x)
+    h, w, c = self.image_shape
+    return x.reshape(-1, h, w, c * self.outputs_per_pixel)
+
+
+class ConvEncoder(nn.Module):
+  """Conv(32, 3x3, s2)-ReLU -> Conv(64, 3x3, s2)-ReLU -> Dense(256)-ReLU ->
+  Dense(2 * latent): (mean, log-variance)."""
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, x_BHWC, cond_BK=None):
+    x = nn.relu(nn.Conv(32, (3, 3), (2, 2), padding="SAME")(x_BHWC))
+    x = nn.relu(nn.Conv(64, (3, 3), (2, 2), padding="SAME")(x))
+    x = x.reshape(x.shape[0], -1)
+    if cond_BK is not None:
+      x = jnp.concatenate([x, cond_BK], -1)
+    x = nn.relu(nn.Dense(256)(x))
+    return jnp.split(nn.Dense(2 * self.latent_dim)(x), 2, axis=-1)
+
+
+class ConvDecoder(nn.Module):
+  """Dense(h/4 * w/4 * 64)-ReLU -> ConvT(64, 3x3, s2)-ReLU ->
+  ConvT(32, 3x3, s2)-ReLU -> ConvT(C * outputs, 3x3, s1)."""
+  image_shape: tuple[int, int, int]
+  outputs_per_pixel: int
+
+  @nn.compact
+  def __call__(self, z_BZ, cond_BK=None):
+    h, w, c = self.image_shape
+    if cond_BK is not None:
+      z_BZ = jnp.concatenate([z_BZ, cond_BK], -1)
+    x = nn.relu(nn.Dense(h // 4 * w // 4 * 64)(z_BZ))
+    x = x.reshape(-1, h // 4, w // 4, 64)
+    x = nn.relu(layers.ConvTranspose2x(64, 3)(x))
+    x = nn.relu(layers.ConvTranspose2x(32, 3)(x))
+    return nn.ConvTranspose(c * self.outputs_per_pixel, (3, 3),
+                            padding="SAME")(x)
+
+
+class VAE(nn.Module):
+  """Encoder + decoder. `num_classes > 0`: both see a one-hot label."""
+  architecture: str = "conv"
+  latent_dim: int = 32
+  image_shape: tuple[int, int, int] = (28, 28, 1)
+  likelihood: str = "bernoulli"
+  num_classes: int = 0
+  hidden: int = 500
+
+  def setup(self):
+    outputs = 1 if self.likelihood == "bernoulli" else 2
+    if self.architecture == "mlp":
+      self.encoder = MLPEncoder(self.latent_dim, self.hidden)
+      self.decoder = MLPDecoder(self.image_shape, outputs, self.hidden)
+    elif self.architecture == "conv":
+      if self.image_shape[0] % 4 or self.image_shape[1] % 4:
+        raise ValueError("The conv VAE needs image sides divisible by 4.")
+      self.encoder = ConvEncoder(self.latent_dim)
+      self.decoder = ConvDecoder(self.image_shape, outputs)
+    else:
+      raise ValueError(f"Unknown vae architecture {self.architecture!r}; "
+                       "use 'mlp' or 'conv'.")
+
+  def _cond(self, labels_B):
+    if not self.num_classes:
+      return None
+    return jax.nn.one_hot(labels_B, self.num_classes)
+
+  def encode(self, x_BHWC, labels_B=None):
+    """x in [0, 1] -> (mean [B, Z], log-variance [B, Z])."""
+    return self.encoder(x_BHWC, self._cond(labels_B))
+
+  def decode(self, z_BZ, labels_B=None):
+    """z -> decoder outputs [B, H, W, C] (logits) or [B, H, W, 2C]."""
+    return self.decoder(z_BZ, self._cond(labels_B))
+
+  def __call__(self, x_BHWC, z_rng, labels_B=None):
+    """(decoder outputs, mean, logvar); z_rng: the reparameterisation."""
+    mean, logvar = self.encode(x_BHWC, labels_B)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(z_rng, mean.shape)
+    return self.decode(z, labels_B), mean, logvar
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  likelihood: str = "bernoulli"
+  beta: float = 1.0
+  conditional: bool = False
+
+
+def settings_from_config(config) -> Settings:
+  if config.vae.likelihood not in LIKELIHOODS:
+    raise ValueError(f"Unknown vae.likelihood {config.vae.likelihood!r}; "
+                     f"choose from {LIKELIHOODS}.")
+  return Settings(config.vae.likelihood, config.vae.beta,
+                  config.vae.conditional)
+
+
+def make_model(config) -> VAE:
+  return VAE(config.vae.architecture, config.vae.latent_dim,
+             tuple(config.data.image_shape), config.vae.likelihood,
+             config.data.num_classes if config.vae.conditional else 0,
+             config.vae.hidden)
+
+
+def create_train_state(config, rng, num_steps) -> classifier.TrainState:
+  """Fresh VAE state. rng: parameter initialisation."""
+  model = make_model(config)
+  x = jnp.zeros((1, *config.data.image_shape))
+  params = model.init(rng, x, jax.random.key(0),
+                      jnp.zeros((1,), jnp.int32))["params"]
+  return classifier.TrainState.create(
+      apply_fn=model.apply, params=params, batch_stats={},
+      tx=optim.make_optimizer(config.optimizer, num_steps))
+
+
+def model_input(image_uint8, likelihood: str, rng) -> jax.Array:
+  """What the encoder sees and the likelihood scores, on device.
+
+  bernoulli: a fresh binarization, float {0, 1} (rng: the Bernoulli draws).
+  logistic: the uint8 pixels themselves (scored as 8-bit values); the encoder
+  gets them scaled to [0, 1].
+  """
+  x = classifier.to_float(image_uint8)
+  if likelihood == "bernoulli":
+    return jax.random.bernoulli(rng, x).astype(jnp.float32)
+  return x
+
+
+def log_likelihood(likelihood: str, image_uint8, x, outputs) -> jax.Array:
+  """log p(x | z) [B] from the decoder outputs."""
+  if likelihood == "bernoulli":
+    return bernoulli_log_prob(x, outputs)
+  mean, log_scale = jnp.split(outputs, 2, axis=-1)
+  return discretized_logistic_log_prob(image_uint8, jnp.tanh(mean),
+                                       jnp.maximum(log_scale, -7.0))
+
+
+def elbo_terms(apply_fn, params, image_uint8, labels, rng, settings):
+  """Per-example (log p(x|z), KL) [B] for one z ~ q(z|x).
+
+  rng: split into the binarization draw and the reparameterisation draw.
+  """
+  bin_rng, z_rng = jax.random.split(rng)
+  x = model_input(image_uint8, settings.likelihood, bin_rng)
+  outputs, mean, logvar = apply_fn({"params": params}, x, z_rng, labels)
+  return (log_likelihood(settings.likelihood, image_uint8, x, outputs),
+          kl_to_standard_normal(mean, logvar))
+
+
+def train_step(state, batch, rng, *, settings: Settings):
+  """One step on the mean negative (beta-)ELBO. rng: binarization and z.
+
+  Metrics: loss (with beta), nelbo (beta = 1), recon (-log p(x|z)), kl, all
+  in nats per image, and bits_per_dim of the nelbo.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  labels = batch["label"] if settings.conditional else None
+
+  def loss_fn(params):
+    log_px, kl = elbo_terms(state.apply_fn, params, batch["image"], labels,
+                            rng, settings)
+    return jnp.mean(-log_px + settings.beta * kl), (log_px, kl)
+
+  (loss, (log_px, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads)
+  nelbo = jnp.mean(kl - log_px)
+  dims = math.prod(batch["image"].shape[1:])
+  return state, {"loss": loss, "nelbo": nelbo, "recon": -jnp.mean(log_px),
+                 "kl": jnp.mean(kl), "bits_per_dim": nelbo / (dims * math.log(2)),
+                 "grad_norm": optax.tree.norm(grads)}
+
+
+def bind_train_step(config):
+  return functools.partial(train_step, settings=settings_from_config(config))
+
+
+def importance_weighted_bound(apply_fn, params, image_uint8, labels, rng,
+                              settings: Settings, num_samples: int,
+                              chunk: int = 100) -> jax.Array:
+  """log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z|x): [B] nats.
+
+  A lower bound on log p(x) that tightens as K grows (K = 1: the ELBO
+  estimate). Samples are drawn `chunk` at a time. rng: binarization (one
+  draw shared by all K samples) and the K latent draws.
+  """
+  bin_rng, z_rng = jax.random.split(rng)
+  x = model_input(image_uint8, settings.likelihood, bin_rng)
+  variables = {"params": params}
+  model_method = lambda name: functools.partial(
+      apply_fn, variables, method=name)
+  mean, logvar = model_method("encode")(x, labels)
+  chunk = min(chunk, num_samples)
+  if num_samples % chunk:
+    raise ValueError(f"num_samples {num_samples} must be a multiple of the "
+                     f"chunk {chunk}.")
+
+  def log_weights(key):
+    eps = jax.random.normal(key, (chunk, *mean.shape))
+    z = mean + jnp.exp(0.5 * logvar) * eps                     # [k, B, Z]
+    flat_z = z.reshape(-1, z.shape[-1])
+    tile = lambda a: None if a is None else jnp.tile(a, (chunk,) + (1,) * (
+        a.ndim - 1))
+    outputs = model_method("decode")(flat_z, tile(labels))
+    log_px = log_likelihood(settings.likelihood, tile(image_uint8), tile(x),
+                            outputs).reshape(chunk, -1)
+    log_pz = gaussian_log_prob(z, 0.0, jnp.zeros_like(z))
+    log_qz = gaussian_log_prob(z, mean, logvar)
+    return log_px + log_pz - log_qz                            # [k, B]
+
+  keys = jax.random.split(z_rng, num_samples // chunk)
+  weights = jax.lax.map(log_weights, keys).reshape(num_samples, -1)
+  return jax.scipy.special.logsumexp(weights, axis=0) - math.log(num_samples)
+
+
+def eval_step(state, batch, rng, *, settings: Settings, iw_samples: int):
+  """Sums over the real (mask 1) examples: nelbo, recon, kl, iwae, count.
+
+  rng: z draws (the binarized test set is fixed by the evaluator).
+  """
+  labels = batch["label"] if settings.conditional else None
+  mask = batch["mask"]
+  elbo_rng, iw_rng = jax.random.split(rng)
+  log_px, kl = elbo_terms(state.apply_fn, state.params, batch["image"], labels,
+                          elbo_rng, settings)
+  sums = {"nelbo": jnp.sum((kl - log_px) * mask),
+          "recon": jnp.sum(-log_px * mask), "kl": jnp.sum(kl * mask),
+          "count": jnp.sum(mask)}
+  if iw_samples:
+    bound = importance_weighted_bound(state.apply_fn, state.params,
+                                      batch["image"], labels, iw_rng, settings,
+                                      iw_samples)
+    sums["iw_nll"] = jnp.sum(-bound * mask)
+  return sums
+
+
+def binarize_once(images_uint8: np.ndarray, seed: int = 0) -> np.ndarray:
+  """A fixed stochastic binarization of an evaluation split, uint8 {0, 255}."""
+  rng = np.random.default_rng(seed)
+  return np.where(rng.random(images_uint8.shape) < images_uint8 / 255.0, 255,
+                  0).astype(np.uint8)
+
+
+def make_evaluator(config, mesh, eval_source, workdir):
+  """evaluator(state, step) -> test nelbo, recon, kl, bits/dim, IWAE NLL
+  (config.vae.iw_samples > 0), FID/score of prior samples
+  (config.eval_samples > 0); writes reconstruction, prior-sample and
+  interpolation grids to workdir/samples/."""
+  settings = settings_from_config(config)
+  all_examples = eval_source.take(np.arange(len(eval_source)))
+  images = all_examples["image"]
+  if settings.likelihood == "bernoulli":  # Scored on one fixed binarization.
+    images = binarize_once(images, config.seed)
+  source = data.ArraySource(images, all_examples["label"])
+  repl, batch_sharding = (parallel.replicated(mesh),
+                          parallel.data_sharding(mesh))
+  step_fn = jax.jit(
+      functools.partial(eval_step, settings=settings,
+                        iw_samples=config.vae.iw_samples),
+      in_shardings=(repl, batch_sharding, repl), out_shardings=repl)
+  eval_rng = jax.device_put(jax.random.key(config.seed + 7), repl)
+  model = make_model(config)
+  dims = math.prod(config.data.image_shape)
+  metric = None
+  if config.eval_samples:
+    metric = quality.QualityMetrics(quality.load_feature_network(mesh),
+                                    all_examples["image"])
+
+  def mean_image(outputs):
+    if settings.likelihood == "bernoulli":
+      return jax.nn.sigmoid(outputs)
+    return (jnp.tanh(jnp.split(outputs, 2, -1)[0]) + 1.0) / 2.0
+
+  @functools.partial(jax.jit, in_shardings=(repl, batch_sharding,
+                                            batch_sharding),
+                     out_shardings=batch_sharding)
+  def decode(params, z, labels):
+    return mean_image(model.apply({"params": params}, z,
+                                  labels if settings.conditional else None,
+                                  method="decode"))
+
+  def sample_uint8(params, z, labels):
+    out = []
+    n = mesh.devices.size
+    for start in range(0, len(z), 512):
+      zc, lc = z[start:start + 512], labels[start:start + 512]
+      pad = -len(zc) % n
+      zc = np.concatenate([zc, np.zeros((pad, zc.shape[1]), zc.dtype)])
+      lc = np.concatenate([lc, np.zeros(pad, lc.dtype)])
+      out.append(images_lib.to_uint8(np.asarray(decode(
+          params, zc, lc))[:len(zc) - pad], 0.0, 1.0))
+    return np.concatenate(out)
+
+  z_dim = config.vae.latent_dim
+  prior_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
+                                         (64, z_dim)))
+  prior_labels = np.arange(64, dtype=np.int32) % config.data.num_classes
+  interp_z = np.asarray(images_lib.interpolation_latents(
+      jax.random.key(config.seed + 2), 8, 10, z_dim))
+  sample_dir = os.path.join(workdir, "samples")
+
+  def evaluator(state, step):
+    sums = data.sum_over_split(lambda s, b: step_fn(s, b, eval_rng), state,
+                               source, config.eval_batch_size, mesh)
+    count = sums.pop("count")
+    metrics = {k: float(v / count) for k, v in sums.items()}
+    metrics["bits_per_dim"] = metrics["nelbo"] / (dims * math.log(2))
+    if "iw_nll" in metrics:
+      metrics["iw_bits_per_dim"] = metrics["iw_nll"] / (dims * math.log(2))
+    if jax.process_index() == 0:
+      originals = source.take(np.arange(32))
+      mean, _ = model.apply({"params": state.params},
+                            classifier.to_float(originals["image"]),
+                            originals["label"] if settings.conditional
+                            else None, method="encode")
+      recon = sample_uint8(state.params, np.asarray(mean),
+                           originals["label"])
+      pairs = np.stack([originals["image"], recon], 1).reshape(
+          -1, *recon.shape[1:])
+      images_lib.save_grid(os.path.join(sample_dir, f"recon_{step:06d}.png"),
+                           pairs, 8)
+      images_lib.save_grid(
+          os.path.join(sample_dir, f"prior_{step:06d}.png"),
+          sample_uint8(state.params, prior_z, prior_labels), 8)
+      images_lib.save_grid(
+          os.path.join(sample_dir, f"interp_{step:06d}.png"),
+          sample_uint8(state.params, interp_z,
+                       np.repeat(prior_labels[:8], 10)), 10)
+    if metric is not None:
+      z = np.asarray(jax.random.normal(jax.random.key(config.seed + 3),
+                                       (config.eval_samples, z_dim)))
+      labels = np.arange(config.eval_samples, dtype=np.int32) % (
+          config.data.num_classes)
+      metrics.update(metric(sample_uint8(state.params, z, labels)))
+    return metrics
+  return evaluator
