@@ -7,6 +7,8 @@ model's checkpoint fails with a clear error instead of starting afresh.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 
 import jax
@@ -74,8 +76,57 @@ class Checkpointer:
     self.manager.close()
 
 
-def replicated_abstract(state, sharding):
-  """`state` as ShapeDtypeStructs carrying `sharding` (restore target)."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      state)
+class WorkdirLock:
+  """An exclusive lock on a workdir, so two runs cannot both write to it.
+
+  `fcntl.flock` on workdir/.lock: the kernel releases it when the process
+  dies, even by SIGKILL, so a crashed run never leaves a stale lock. Only
+  process 0 of a multi-host run takes it.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._file = None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      self._file.seek(0)
+      owner = self._file.read().strip() or "unknown"
+      self._file.close()
+      self._file = None
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        raise CheckpointError(
+            f"Another run (pid {owner}) is using the workdir "
+            f"{os.path.dirname(self.path)!r}. Wait for it to finish, stop it, "
+            "or pass a different --workdir.") from None
+      raise
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(str(os.getpid()))
+    self._file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+
+def check_writable(workdir: str) -> None:
+  """Raises CheckpointError if `workdir` cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(
+        f"Cannot write to the workdir {workdir!r} ({e.strerror}). Pass a "
+        "writable --workdir with free space; nothing was trained.") from None

@@ -101,7 +101,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns (state, final eval metrics). `stop_at_step` stops early after
   saving a checkpoint, as a preempted run would (the metrics are then {}).
   """
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_writable(workdir)
+  with checkpoint.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, stop_at_step)
+
+
+def _train_and_evaluate(config, workdir, stop_at_step):
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_global_batch(config.batch_size, mesh)
   train_source = data.load_split(config.data, "train")
