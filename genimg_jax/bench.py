@@ -98,7 +98,7 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   parallel.check_global_batch(batch, mesh)
   state = train.init_state(config, mesh, jax.random.key(0), config.num_steps)
   train_step = train.compile_train_step(config, mesh)
-  rng = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
+  rng = parallel.replicate(jax.random.key(1), mesh)
   batch_data = synthetic_batch(config, mesh)
 
   start = time.perf_counter()

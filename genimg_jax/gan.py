@@ -322,7 +322,6 @@ def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
                  batch_size: int = 512):
   """uint8 images [N, H, W, C] from the EMA generator, in sharded batches."""
   batch_size -= batch_size % mesh.devices.size
-  sharding = parallel.data_sharding(mesh)
   out = []
   for start in range(0, len(z_NZ), batch_size):
     z = np.asarray(z_NZ[start:start + batch_size])
@@ -333,9 +332,10 @@ def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
                                       z.dtype)])
       labels = np.concatenate([labels, np.zeros(batch_size - real,
                                                 labels.dtype)])
-    images = sampler(state.g, state.ema_params, jax.device_put(z, sharding),
-                     jax.device_put(labels, sharding))
-    out.append(images_lib.to_uint8(np.asarray(images)[:real]))
+    images = sampler(state.g, state.ema_params,
+                     parallel.shard_host_array(z, mesh),
+                     parallel.shard_host_array(labels, mesh))
+    out.append(images_lib.to_uint8(parallel.to_host(images)[:real]))
   return np.concatenate(out)
 
 

@@ -48,3 +48,25 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> None:
         f"{n} devices of the mesh ({jax.process_count()} processes). Set "
         f"--config.batch_size to a multiple of {n}, e.g. "
         f"{max(n, global_batch // n * n)}.")
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree of host values (the same on every process) on every
+  device of `mesh`; works for PRNG keys and across hosts."""
+  return jax.jit(lambda: tree, out_shardings=replicated(mesh))()
+
+
+def shard_host_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A numpy array that every process holds in full -> a global array
+  sharded on the data axis (each device gets its slice)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, data_sharding(mesh),
+                                      lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host) sharded array on every host."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -99,7 +99,7 @@ class FeatureNetwork:
     data = parallel.data_sharding(self.mesh)
     self._apply = jax.jit(features_and_probs, in_shardings=(repl, data),
                           out_shardings=(data, data))
-    self.variables = jax.device_put(self.variables, repl)
+    self.variables = parallel.replicate(self.variables, self.mesh)
 
   def __call__(self, images_uint8: np.ndarray):
     """uint8 images [N, H, W, C] -> (features [N, D], probs [N, K]) numpy."""
@@ -112,10 +112,9 @@ class FeatureNetwork:
       if real < step:  # Pad the last chunk to a whole, shardable batch.
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, 0)])
       f, p = self._apply(self.variables,
-                         jax.device_put(chunk, parallel.data_sharding(
-                             self.mesh)))
-      features.append(np.asarray(f)[:real])
-      probs.append(np.asarray(p)[:real])
+                         parallel.shard_host_array(chunk, self.mesh))
+      features.append(parallel.to_host(f)[:real])
+      probs.append(parallel.to_host(p)[:real])
     return np.concatenate(features), np.concatenate(probs)
 
 

@@ -127,7 +127,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   train_step = compile_train_step(config, mesh)
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
                                                    workdir)
-  step_rng = jax.device_put(step_rng, parallel.replicated(mesh))
+  step_rng = parallel.replicate(step_rng, mesh)
   writer = metrics_writer.MetricWriter(workdir)
   progress = tqdm(total=num_steps, initial=start_step, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True,

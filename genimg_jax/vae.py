@@ -361,7 +361,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
       functools.partial(eval_step, settings=settings,
                         iw_samples=config.vae.iw_samples),
       in_shardings=(repl, batch_sharding, repl), out_shardings=repl)
-  eval_rng = jax.device_put(jax.random.key(config.seed + 7), repl)
+  eval_rng = parallel.replicate(jax.random.key(config.seed + 7), mesh)
   model = make_model(config)
   dims = math.prod(config.data.image_shape)
   metric = None
@@ -390,8 +390,10 @@ def make_evaluator(config, mesh, eval_source, workdir):
       pad = -len(zc) % n
       zc = np.concatenate([zc, np.zeros((pad, zc.shape[1]), zc.dtype)])
       lc = np.concatenate([lc, np.zeros(pad, lc.dtype)])
-      out.append(images_lib.to_uint8(np.asarray(decode(
-          params, zc, lc))[:len(zc) - pad], 0.0, 1.0))
+      decoded = decode(params, parallel.shard_host_array(zc, mesh),
+                       parallel.shard_host_array(lc, mesh))
+      out.append(images_lib.to_uint8(parallel.to_host(decoded)[:len(zc) - pad],
+                                     0.0, 1.0))
     return np.concatenate(out)
 
   z_dim = config.vae.latent_dim
