@@ -79,46 +79,53 @@ def discretized_logistic_log_prob(x_uint8, mean, log_scale) -> jax.Array:
 class MLPEncoder(nn.Module):
   latent_dim: int
   hidden: int = 500
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BHWC, cond_BK=None):
     x = x_BHWC.reshape(x_BHWC.shape[0], -1)
     if cond_BK is not None:
       x = jnp.concatenate([x, cond_BK], -1)
-    x = nn.relu(nn.Dense(self.hidden)(x))
-    out = nn.Dense(2 * self.latent_dim)(x)
-    return jnp.split(out, 2, axis=-1)
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+    out = nn.Dense(2 * self.latent_dim, dtype=self.dtype)(x)
+    return jnp.split(out.astype(jnp.float32), 2, axis=-1)
 
 
 class MLPDecoder(nn.Module):
   image_shape: tuple[int, int, int]
   outputs_per_pixel: int
   hidden: int = 500
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z_BZ, cond_BK=None):
     if cond_BK is not None:
       z_BZ = jnp.concatenate([z_BZ, cond_BK], -1)
-    x = nn.relu(nn.Dense(self.hidden)(z_BZ))
-    x = nn.Dense(int(np.prod(self.image_shape)) * self.outputs_per_pixel)(x)
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(z_BZ))
+    x = nn.Dense(int(np.prod(self.image_shape)) * self.outputs_per_pixel,
+                 dtype=self.dtype)(x)
     h, w, c = self.image_shape
-    return x.reshape(-1, h, w, c * self.outputs_per_pixel)
+    return x.reshape(-1, h, w, c * self.outputs_per_pixel).astype(jnp.float32)
 
 
 class ConvEncoder(nn.Module):
   """Conv(32, 3x3, s2)-ReLU -> Conv(64, 3x3, s2)-ReLU -> Dense(256)-ReLU ->
   Dense(2 * latent): (mean, log-variance)."""
   latent_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BHWC, cond_BK=None):
-    x = nn.relu(nn.Conv(32, (3, 3), (2, 2), padding="SAME")(x_BHWC))
-    x = nn.relu(nn.Conv(64, (3, 3), (2, 2), padding="SAME")(x))
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), strides=(2, 2),
+                             padding="SAME", dtype=self.dtype)
+    x = nn.relu(conv(32)(x_BHWC))
+    x = nn.relu(conv(64)(x))
     x = x.reshape(x.shape[0], -1)
     if cond_BK is not None:
-      x = jnp.concatenate([x, cond_BK], -1)
-    x = nn.relu(nn.Dense(256)(x))
-    return jnp.split(nn.Dense(2 * self.latent_dim)(x), 2, axis=-1)
+      x = jnp.concatenate([x, cond_BK.astype(x.dtype)], -1)
+    x = nn.relu(nn.Dense(256, dtype=self.dtype)(x))
+    out = nn.Dense(2 * self.latent_dim, dtype=self.dtype)(x)
+    return jnp.split(out.astype(jnp.float32), 2, axis=-1)
 
 
 class ConvDecoder(nn.Module):
@@ -126,18 +133,19 @@ class ConvDecoder(nn.Module):
   ConvT(32, 3x3, s2)-ReLU -> ConvT(C * outputs, 3x3, s1)."""
   image_shape: tuple[int, int, int]
   outputs_per_pixel: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z_BZ, cond_BK=None):
     h, w, c = self.image_shape
     if cond_BK is not None:
       z_BZ = jnp.concatenate([z_BZ, cond_BK], -1)
-    x = nn.relu(nn.Dense(h // 4 * w // 4 * 64)(z_BZ))
+    x = nn.relu(nn.Dense(h // 4 * w // 4 * 64, dtype=self.dtype)(z_BZ))
     x = x.reshape(-1, h // 4, w // 4, 64)
-    x = nn.relu(layers.ConvTranspose2x(64, 3)(x))
-    x = nn.relu(layers.ConvTranspose2x(32, 3)(x))
-    return nn.ConvTranspose(c * self.outputs_per_pixel, (3, 3),
-                            padding="SAME")(x)
+    x = nn.relu(layers.ConvTranspose2x(64, 3, dtype=self.dtype)(x))
+    x = nn.relu(layers.ConvTranspose2x(32, 3, dtype=self.dtype)(x))
+    return nn.ConvTranspose(c * self.outputs_per_pixel, (3, 3), padding="SAME",
+                            dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class VAE(nn.Module):
@@ -148,17 +156,19 @@ class VAE(nn.Module):
   likelihood: str = "bernoulli"
   num_classes: int = 0
   hidden: int = 500
+  dtype: Any = jnp.float32
 
   def setup(self):
     outputs = 1 if self.likelihood == "bernoulli" else 2
     if self.architecture == "mlp":
-      self.encoder = MLPEncoder(self.latent_dim, self.hidden)
-      self.decoder = MLPDecoder(self.image_shape, outputs, self.hidden)
+      self.encoder = MLPEncoder(self.latent_dim, self.hidden, self.dtype)
+      self.decoder = MLPDecoder(self.image_shape, outputs, self.hidden,
+                                self.dtype)
     elif self.architecture == "conv":
       if self.image_shape[0] % 4 or self.image_shape[1] % 4:
         raise ValueError("The conv VAE needs image sides divisible by 4.")
-      self.encoder = ConvEncoder(self.latent_dim)
-      self.decoder = ConvDecoder(self.image_shape, outputs)
+      self.encoder = ConvEncoder(self.latent_dim, self.dtype)
+      self.decoder = ConvDecoder(self.image_shape, outputs, self.dtype)
     else:
       raise ValueError(f"Unknown vae architecture {self.architecture!r}; "
                        "use 'mlp' or 'conv'.")
@@ -202,7 +212,7 @@ def make_model(config) -> VAE:
   return VAE(config.vae.architecture, config.vae.latent_dim,
              tuple(config.data.image_shape), config.vae.likelihood,
              config.data.num_classes if config.vae.conditional else 0,
-             config.vae.hidden)
+             config.vae.hidden, jnp.dtype(config.model.dtype))
 
 
 def create_train_state(config, rng, num_steps) -> classifier.TrainState:
