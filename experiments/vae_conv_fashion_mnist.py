@@ -43,7 +43,7 @@ def get_config():
   config.batch_size = 128
   config.eval_batch_size = 200
   config.eval_samples = 10000  # FID / score of prior samples; 0 for none.
-  config.num_epochs = 20
+  config.num_epochs = 10
   config.num_steps = 0
 
   config.mesh = ml_collections.ConfigDict()

@@ -223,7 +223,8 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
   """n_critic discriminator updates, one generator update, the EMA update.
 
   batch: image uint8 [B, H, W, C], label int32 [B]. With n_critic > 1 the
-  real batch is split into n_critic equal parts, one per critic update.
+  real batch is split into n_critic equal parts, one per critic update, and
+  the generator update uses B / n_critic samples.
   rng: folded with state.step, then per update into z, dropout and GP keys.
   """
   rng = jax.random.fold_in(rng, state.step)
@@ -272,12 +273,14 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
     metrics = {"d_loss": d_loss, "d_real": jnp.mean(real_logits),
                "d_fake": jnp.mean(fake_logits), "gp": gp}
 
+  # The generator update uses one part's worth of examples (and its labels).
   z_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, settings.n_critic))
-  z = jax.random.normal(z_rng, (real_all.shape[0], settings.z_dim))
+  z = jax.random.normal(z_rng, (chunk, settings.z_dim))
+  g_labels = None if labels_all is None else labels_all[:chunk]
 
   def g_loss_fn(params):
-    fake, g_stats = g_apply(params, z, labels_all, g.batch_stats)
-    fake_logits, _ = d_apply(d.params, d.batch_stats, fake, labels_all,
+    fake, g_stats = g_apply(params, z, g_labels, g.batch_stats)
+    fake_logits, _ = d_apply(d.params, d.batch_stats, fake, g_labels,
                              drop_rng, False)
     return jnp.mean(generator_loss(kind, fake_logits)), g_stats["batch_stats"]
 

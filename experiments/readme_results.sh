@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Reproduces the README's result tables on a 2-core CPU machine, in order.
+# Usage: bash experiments/readme_results.sh [OUT_DIR]   (several hours)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-workdirs/readme}
+mkdir -p "$out"
+run() {  # run NAME ARGS...: times a genimg command, log in $out/NAME.log
+  local name=$1; shift
+  { time .venv/bin/genimg "$@" ; } > "$out/$name.log" 2>&1
+  tail -n 4 "$out/$name.log"
+}
+run cnn train --config experiments/cnn_fashion_mnist.py --workdir "$out/cnn"
+run resnet train --config experiments/resnet_fashion_mnist.py --workdir "$out/resnet"
+run dcgan train --config experiments/dcgan_fashion_mnist.py --workdir "$out/dcgan"
+run wgan_gp train --config experiments/wgan_gp_fashion_mnist.py --workdir "$out/wgan_gp"
+run hinge_sn train --config experiments/hinge_sn_fashion_mnist.py --workdir "$out/hinge_sn"
+run vae_mlp train --config experiments/vae_mlp_fashion_mnist.py --workdir "$out/vae_mlp" --config.vae.iw_samples=1000
+run vae_conv train --config experiments/vae_conv_fashion_mnist.py --workdir "$out/vae_conv" --config.vae.iw_samples=100
+run bench bench --model cnn,dcgan,vae --batch 128 --steps 20 --output "$out/bench.jsonl"
