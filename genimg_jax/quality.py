@@ -152,3 +152,22 @@ class QualityMetrics:
     return {"fid": frechet_distance(*gaussian_stats(features),
                                     *self.real_stats),
             "score": classifier_score(probs)}
+
+
+def real_data_reference(idx_dir: str, mesh) -> dict[str, float]:
+  """The floor no generator can beat: FID of the real test split against
+  the real train split, and the score of the real test split."""
+  from genimg_jax import data  # pylint: disable=g-import-not-at-top
+  train_images = data.load_idx_split(idx_dir, "train").images
+  test_images = data.load_idx_split(idx_dir, "test").images
+  metrics = QualityMetrics(load_feature_network(mesh), train_images)(
+      test_images)
+  return {"fid_test_vs_train": metrics["fid"], "score_test": metrics["score"]}
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  from genimg_jax import data as _data  # pylint: disable=g-import-not-at-top
+  print(json.dumps(real_data_reference(
+      sys.argv[1] if len(sys.argv) > 1 else _data.DEBIAN_FASHION_MNIST,
+      parallel.make_mesh())))

@@ -67,3 +67,24 @@ def test_train_step_compiles_once_and_keeps_the_host_out():
   assert train_step._cache_size() == 1  # pylint: disable=protected-access
   assert int(state.step) == 4
   assert np.isfinite(float(metrics["loss"]))
+
+
+def test_bench_cli_with_the_real_input_pipeline(tmp_path, idx_dir, monkeypatch,
+                                                capsys):
+  from genimg_jax import cli  # pylint: disable=g-import-not-at-top
+  real_load = bench.load_model_config
+
+  def tiny_data(*args):
+    config = real_load(*args)
+    config.unlock()
+    config.data.idx_dir = idx_dir
+    return config
+  monkeypatch.setattr(bench, "load_model_config", tiny_data)
+  out = tmp_path / "b.jsonl"
+  assert cli.main(["bench", "--model", "vae", "--batch", "16", "--steps", "2",
+                   "--input", "real", "--devices", "2", "--output",
+                   str(out)]) == 0
+  record = json.loads(out.read_text())
+  assert record["input"] == "real" and record["devices"] == 2
+  assert record["model"] == "vae" and record["flops_per_step"] > 0
+  assert "vae" in capsys.readouterr().out

@@ -148,3 +148,16 @@ def test_vae_one_and_eight_devices_agree(tmp_path, idx_dir):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4,
                                                        atol=5e-5),
                params[1], params[8])
+
+
+def test_vae_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):
+  config = tiny_config(idx_dir, CONV, **{"vae.iw_samples": 0,
+                                         "checkpoint_every": 100})
+  full, full_metrics = train.train_and_evaluate(config, str(tmp_path / "full"))
+  workdir = str(tmp_path / "stopped")
+  train.train_and_evaluate(config, workdir, stop_at_step=2)
+  resumed, resumed_metrics = train.train_and_evaluate(config, workdir)
+  for a, b in zip(jax.tree.leaves(jax.device_get(full)),
+                  jax.tree.leaves(jax.device_get(resumed))):
+    np.testing.assert_array_equal(a, b)
+  assert full_metrics == resumed_metrics
