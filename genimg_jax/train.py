@@ -153,7 +153,8 @@ def _train_and_evaluate(config, workdir, stop_at_step):
         if pending is not None:
           last = flush_pending()
           progress.set_postfix({k: f"{v:.4g}" for k, v in last.items()
-                                if "loss" in k or k == "accuracy"})
+                                if "loss" in k or k == "accuracy"},
+                               refresh=False)
         pending = (step + 1, metrics)  # Logged as the step count after it.
         progress.update(1)
         window_steps += 1
