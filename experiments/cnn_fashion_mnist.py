@@ -25,6 +25,23 @@ def get_data_config(name: str = "fashion_mnist",
   return data
 
 
+def get_optimizer_config(name: str = "adam", learning_rate: float = 1e-3,
+                         schedule: str = "cosine", warmup_steps: int = 200,
+                         b1: float = 0.9, b2: float = 0.999,
+                         momentum: float = 0.0, weight_decay: float = 0.0):
+  """An optimizer (see genimg_jax/optim.py): adam(w) or sgd with Nesterov."""
+  opt = ml_collections.ConfigDict()
+  opt.name = name
+  opt.learning_rate = learning_rate
+  opt.schedule = schedule
+  opt.warmup_steps = warmup_steps
+  opt.b1 = b1
+  opt.b2 = b2
+  opt.momentum = momentum
+  opt.weight_decay = weight_decay
+  return opt
+
+
 def get_config():
   config = ml_collections.ConfigDict()
   config.family = "classifier"
@@ -37,15 +54,7 @@ def get_config():
   config.model.width = 0  # Unused by the CNN; the ResNet's base width.
   config.model.blocks_per_stage = (0,)
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adam"
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 200
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 0.0
+  config.optimizer = get_optimizer_config(momentum=0.9)  # Momentum: sgd only.
   config.augment = False
 
   config.batch_size = 128

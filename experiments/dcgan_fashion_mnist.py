@@ -13,16 +13,9 @@ from experiments import cnn_fashion_mnist
 
 
 def adam(learning_rate=2e-4, b1=0.5, b2=0.999):
-  opt = ml_collections.ConfigDict()
-  opt.name = "adam"
-  opt.learning_rate = learning_rate
-  opt.schedule = "constant"
-  opt.warmup_steps = 0
-  opt.b1 = b1
-  opt.b2 = b2
-  opt.momentum = 0.0
-  opt.weight_decay = 0.0
-  return opt
+  """Adam at a constant learning rate, as GANs use it."""
+  return cnn_fashion_mnist.get_optimizer_config(
+      "adam", learning_rate, "constant", 0, b1, b2)
 
 
 def get_config():

@@ -30,15 +30,7 @@ def get_config():
   config.vae.conditional = False
   config.vae.iw_samples = 1000  # 0: no importance-weighted bound.
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adam"
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 200
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.momentum = 0.0
-  config.optimizer.weight_decay = 0.0
+  config.optimizer = cnn_fashion_mnist.get_optimizer_config()
 
   config.batch_size = 128
   config.eval_batch_size = 200
