@@ -105,7 +105,9 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   start = time.perf_counter()
   compiled = train_step.lower(state, batch_data, rng).compile()
   compile_s = time.perf_counter() - start
-  flops = flops_of(compiled)
+  # XLA reports the cost of one device's program: the step's total is that
+  # times the devices of the mesh.
+  flops = flops_of(compiled) * mesh.devices.size
 
   if input_pipeline == "real":
     source = data.load_split(config.data, "train")

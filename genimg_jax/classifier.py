@@ -206,6 +206,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   return evaluator
 
 
-def bind_train_step(config: ml_collections.ConfigDict):
+def bind_train_step(config: ml_collections.ConfigDict, mesh=None):
   """The train step with the config's static choices bound."""
+  del mesh  # Every intermediate follows the sharded batch.
   return functools.partial(train_step, augment_images=config.augment)

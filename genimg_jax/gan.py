@@ -166,6 +166,7 @@ class Settings:
   z_dim: int = 100
   conditional: bool = False
   skip_nonfinite: bool = False
+  noise_sharding: Any = None  # A NamedSharding for z [B, Z], or None.
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
@@ -214,6 +215,14 @@ def generate(g: classifier.TrainState, params, z_BZ, labels_B) -> jax.Array:
                     labels_B, train=False)
 
 
+def _noise(rng, shape, settings: Settings) -> jax.Array:
+  """z ~ N(0, I) of `shape`, sharded like the batch when a sharding is set."""
+  z = jax.random.normal(rng, shape)
+  if settings.noise_sharding is not None:
+    z = jax.lax.with_sharding_constraint(z, settings.noise_sharding)
+  return z
+
+
 def _where_finite(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
@@ -249,7 +258,7 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
     real = real_all[i * chunk:(i + 1) * chunk]
     labels = None if labels_all is None else labels_all[i * chunk:
                                                         (i + 1) * chunk]
-    z = jax.random.normal(z_rng, (chunk, settings.z_dim))
+    z = _noise(z_rng, (chunk, settings.z_dim), settings)
     fake = jax.lax.stop_gradient(g_apply(g.params, z, labels,
                                          g.batch_stats)[0])
 
@@ -275,7 +284,7 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
 
   # The generator update uses one part's worth of examples (and its labels).
   z_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, settings.n_critic))
-  z = jax.random.normal(z_rng, (chunk, settings.z_dim))
+  z = _noise(z_rng, (chunk, settings.z_dim), settings)
   g_labels = None if labels_all is None else labels_all[:chunk]
 
   def g_loss_fn(params):
@@ -305,9 +314,16 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
   return new_state, metrics
 
 
-def bind_train_step(config):
-  """The GAN step with the config's static settings bound."""
+def bind_train_step(config, mesh=None):
+  """The GAN step with the config's static settings bound.
+
+  With a mesh, the noise z is sharded like the batch, so the generator runs
+  data parallel (left alone, XLA replicates it on every device).
+  """
   settings = settings_from_config(config)
+  if mesh is not None:
+    settings = dataclasses.replace(
+        settings, noise_sharding=parallel.data_sharding(mesh))
   if config.batch_size % settings.n_critic:
     raise ValueError(f"batch_size {config.batch_size} must be divisible by "
                      f"gan.n_critic {settings.n_critic}.")

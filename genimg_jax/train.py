@@ -7,7 +7,7 @@ latest orbax checkpoint in `workdir`, and logs per-step metrics fetched one
 step late so the host never stalls the device.
 
 A family module provides `create_train_state(config, rng, num_steps)`,
-`bind_train_step(config)` and `make_evaluator(config, mesh, eval_source,
+`bind_train_step(config, mesh)` and `make_evaluator(config, mesh, eval_source,
 workdir) -> evaluator(state, step) -> {name: float}`.
 """
 
@@ -57,7 +57,7 @@ def compile_train_step(config, mesh):
   """The family's train step, jitted: state replicated and donated, batch
   sharded on "data", metrics replicated."""
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(family_module(config).bind_train_step(config),
+  return jax.jit(family_module(config).bind_train_step(config, mesh),
                  in_shardings=(repl, batch, repl), out_shardings=(repl, repl),
                  donate_argnums=0)
 

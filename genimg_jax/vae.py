@@ -284,7 +284,9 @@ def train_step(state, batch, rng, *, settings: Settings):
                  "grad_norm": optax.tree.norm(grads)}
 
 
-def bind_train_step(config):
+def bind_train_step(config, mesh=None):
+  """The VAE step with the config's static settings bound."""
+  del mesh  # Every intermediate follows the sharded batch.
   return functools.partial(train_step, settings=settings_from_config(config))
 
 

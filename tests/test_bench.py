@@ -44,6 +44,10 @@ def test_bench_record_fields(tmp_path):
     assert r["images_per_s"] == pytest.approx(16 / r["step_ms_median"] * 1e3)
     assert 0 < r["fraction_of_peak"]
   assert records[0]["scaling_efficiency"] == 1.0
+  # FLOPs are of the whole global step: on 8 devices the same work plus the
+  # replicated optimizer update, not 8 copies of the step.
+  assert (records[0]["flops_per_step"] <= records[1]["flops_per_step"]
+          < 1.5 * records[0]["flops_per_step"])
   # A train step costs about 3 forward passes (forward, 2 backward matmuls).
   assert 2.5 < records[0]["flops_per_step"] / (16 * 7.37e6) < 3.5
 
