@@ -340,22 +340,10 @@ def make_sampler(mesh):
 def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
                  batch_size: int = 512):
   """uint8 images [N, H, W, C] from the EMA generator, in sharded batches."""
-  batch_size -= batch_size % mesh.devices.size
-  out = []
-  for start in range(0, len(z_NZ), batch_size):
-    z = np.asarray(z_NZ[start:start + batch_size])
-    labels = np.asarray(labels_N[start:start + batch_size])
-    real = len(z)
-    if real < batch_size:  # Pad to a whole, shardable batch.
-      z = np.concatenate([z, np.zeros((batch_size - real, z.shape[1]),
-                                      z.dtype)])
-      labels = np.concatenate([labels, np.zeros(batch_size - real,
-                                                labels.dtype)])
-    images = sampler(state.g, state.ema_params,
-                     parallel.shard_host_array(z, mesh),
-                     parallel.shard_host_array(labels, mesh))
-    out.append(images_lib.to_uint8(parallel.to_host(images)[:real]))
-  return np.concatenate(out)
+  images = parallel.map_batches(
+      lambda z, labels: sampler(state.g, state.ema_params, z, labels),
+      (z_NZ, labels_N), mesh, batch_size)
+  return images_lib.to_uint8(images)
 
 
 def make_evaluator(config, mesh, eval_source, workdir):

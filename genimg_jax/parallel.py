@@ -70,3 +70,24 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def map_batches(fn, arrays, mesh: Mesh, batch_size: int = 512):
+  """Runs `fn(*sharded_chunks) -> pytree of [b, ...] arrays` over host arrays
+  of equal length N in chunks of `batch_size` (rounded down to a multiple of
+  the device count; the last chunk padded with copies of its last row).
+
+  Returns the outputs as numpy arrays of length N, on every host.
+  """
+  batch_size = max(batch_size - batch_size % mesh.devices.size,
+                   mesh.devices.size)
+  n = len(arrays[0])
+  outputs = []
+  for start in range(0, n, batch_size):
+    chunks = [np.asarray(a[start:start + batch_size]) for a in arrays]
+    real = len(chunks[0])
+    chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - real, 0)])
+              for c in chunks]
+    out = fn(*[shard_host_array(c, mesh) for c in chunks])
+    outputs.append(jax.tree.map(lambda x: to_host(x)[:real], out))
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)

@@ -13,6 +13,7 @@ SHA-256; `experiments/resnet_fashion_mnist.py` retrains it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -103,19 +104,9 @@ class FeatureNetwork:
 
   def __call__(self, images_uint8: np.ndarray):
     """uint8 images [N, H, W, C] -> (features [N, D], probs [N, K]) numpy."""
-    n = len(images_uint8)
-    step = self.batch_size - self.batch_size % self.mesh.devices.size
-    features, probs = [], []
-    for start in range(0, n, step):
-      chunk = np.asarray(images_uint8[start:start + step])
-      real = len(chunk)
-      if real < step:  # Pad the last chunk to a whole, shardable batch.
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, 0)])
-      f, p = self._apply(self.variables,
-                         parallel.shard_host_array(chunk, self.mesh))
-      features.append(parallel.to_host(f)[:real])
-      probs.append(parallel.to_host(p)[:real])
-    return np.concatenate(features), np.concatenate(probs)
+    return parallel.map_batches(
+        functools.partial(self._apply, self.variables), (images_uint8,),
+        self.mesh, self.batch_size)
 
 
 def load_feature_network(mesh, path: str = FEATURE_NETWORK) -> FeatureNetwork:

@@ -395,18 +395,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
                                   method="decode"))
 
   def sample_uint8(params, z, labels):
-    out = []
-    n = mesh.devices.size
-    for start in range(0, len(z), 512):
-      zc, lc = z[start:start + 512], labels[start:start + 512]
-      pad = -len(zc) % n
-      zc = np.concatenate([zc, np.zeros((pad, zc.shape[1]), zc.dtype)])
-      lc = np.concatenate([lc, np.zeros(pad, lc.dtype)])
-      decoded = decode(params, parallel.shard_host_array(zc, mesh),
-                       parallel.shard_host_array(lc, mesh))
-      out.append(images_lib.to_uint8(parallel.to_host(decoded)[:len(zc) - pad],
-                                     0.0, 1.0))
-    return np.concatenate(out)
+    return images_lib.to_uint8(parallel.map_batches(
+        functools.partial(decode, params), (z, labels), mesh), 0.0, 1.0)
 
   z_dim = config.vae.latent_dim
   prior_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
