@@ -195,11 +195,11 @@ def load_split(data_config, split: str) -> ArraySource | TfdsSource:
       source = source.to_arrays()
   if len(source) == 0:
     raise DataError(f"The {split} split of {data_config.name!r} is empty.")
-  check_examples(source.take(np.arange(min(len(source), 64))),
+  # In memory every example is checked; a random-access source, its first 64.
+  checked = len(source) if isinstance(source, ArraySource) else min(
+      len(source), 64)
+  check_examples(source.take(np.arange(checked)),
                  tuple(data_config.image_shape), data_config.num_classes)
-  if isinstance(source, ArraySource):
-    check_examples(source.take(np.arange(len(source))),
-                   tuple(data_config.image_shape), data_config.num_classes)
   return source
 
 
