@@ -20,13 +20,11 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-  """Saves every `save_every` steps (and when forced), keeps the last `keep`."""
+  """Saves the steps the trainer asks for; keeps the last `keep`."""
 
-  def __init__(self, workdir: str, fingerprint: dict, save_every: int,
-               keep: int = 3):
+  def __init__(self, workdir: str, fingerprint: dict, keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.fingerprint = fingerprint
-    self.save_every = save_every
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -59,11 +57,8 @@ class Checkpointer:
           "a new --workdir, or delete the bad step directory.") from e
     return restored["state"]
 
-  def save(self, step: int, state, extra: dict | None = None,
-           force: bool = False) -> bool:
-    """Saves at multiples of `save_every` (any step if `force`). Async."""
-    if not force and step % self.save_every:
-      return False
+  def save(self, step: int, state, extra: dict | None = None) -> bool:
+    """Saves `state` as `step` (asynchronously)."""
     meta = {"fingerprint": self.fingerprint, "step": step, **(extra or {})}
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -116,7 +116,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   state = init_state(config, mesh, init_rng, num_steps)
   ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
-                                 config.checkpoint_every, config.keep_checkpoints)
+                                 config.keep_checkpoints)
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
@@ -170,7 +170,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
         if done % config.checkpoint_every == 0 or done == num_steps or stopping:
           flush_pending()  # Never checkpoint a state whose loss is NaN.
           pending = None
-          ckpt.save(done, state, force=True)
+          ckpt.save(done, state)
         if config.eval_every and done % config.eval_every == 0 or (
             done == num_steps):
           eval_metrics = evaluator(state, done)
@@ -208,7 +208,7 @@ def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
   eval_source = data.load_split(config.data, config.data.eval_split)
   state = init_state(config, mesh, jax.random.key(0), 1)
   ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
-                                 config.checkpoint_every, config.keep_checkpoints)
+                                 config.keep_checkpoints)
   try:
     state = ckpt.restore_latest(state)
   finally:

@@ -56,8 +56,7 @@ def _final_params(workdir, idx_dir):
   config = tiny_config(idx_dir, num_steps=12)
   mesh = train.parallel.make_mesh(2)
   state = train.init_state(config, mesh, jax.random.key(0), 12)
-  ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
-                                 2)
+  ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config))
   restored = ckpt.restore_latest(state)
   ckpt.close()
   return int(restored.step), jax.device_get(restored.params)

@@ -32,8 +32,7 @@ def _free_port():
 def _params(workdir, idx_dir):
   config = tiny_config(idx_dir, num_steps=4)
   state = train.init_state(config, parallel.make_mesh(4), jax.random.key(0), 4)
-  ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
-                                 2)
+  ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config))
   restored = ckpt.restore_latest(state)
   ckpt.close()
   return int(restored.step), jax.device_get(restored.params)

@@ -102,7 +102,7 @@ def test_nan_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, idx_dir):
                           **{"optimizer.learning_rate": 1e30})
   with pytest.raises(FloatingPointError, match="at step 4"):
     train.train_and_evaluate(exploding, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, {}, 3)
+  ckpt = checkpoint.Checkpointer(workdir, {})
   assert ckpt.latest_step() == 3
   ckpt.close()
 
