@@ -10,11 +10,11 @@ run() {  # run NAME ARGS...: times a genimg command, log in $out/NAME.log
   { time .venv/bin/genimg "$@" ; } > "$out/$name.log" 2>&1
   tail -n 4 "$out/$name.log"
 }
-run cnn train --config experiments/cnn_fashion_mnist.py --workdir "$out/cnn"
-run resnet train --config experiments/resnet_fashion_mnist.py --workdir "$out/resnet"
-run dcgan train --config experiments/dcgan_fashion_mnist.py --workdir "$out/dcgan"
-run wgan_gp train --config experiments/wgan_gp_fashion_mnist.py --workdir "$out/wgan_gp" --config.num_steps=500 --config.eval_every=250
-run hinge_sn train --config experiments/hinge_sn_fashion_mnist.py --workdir "$out/hinge_sn" --config.num_steps=1500 --config.eval_every=750
-run vae_mlp train --config experiments/vae_mlp_fashion_mnist.py --workdir "$out/vae_mlp" --config.vae.iw_samples=1000
-run vae_conv train --config experiments/vae_conv_fashion_mnist.py --workdir "$out/vae_conv" --config.vae.iw_samples=100
+run cnn train --config experiments/cnn.py --workdir "$out/cnn"
+run resnet train --config experiments/resnet.py --workdir "$out/resnet"
+run dcgan train --config experiments/dcgan.py --workdir "$out/dcgan"
+run wgan_gp train --config experiments/wgan_gp.py --workdir "$out/wgan_gp" --config.num_steps=500 --config.eval_every=250
+run hinge_sn train --config experiments/hinge_sn.py --workdir "$out/hinge_sn" --config.num_steps=1500 --config.eval_every=750
+run vae_mlp train --config experiments/vae_mlp.py --workdir "$out/vae_mlp" --config.vae.iw_samples=1000
+run vae_conv train --config experiments/vae_conv.py --workdir "$out/vae_conv" --config.vae.iw_samples=100
 run bench bench --model dcgan,cnn,vae --batch 64,128 --steps 10 --output "$out/bench.jsonl"

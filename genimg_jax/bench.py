@@ -22,9 +22,9 @@ from genimg_jax import config as config_lib, data, parallel, train
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "experiments")
 # Model name -> the experiment config whose train step is timed.
-MODELS = {"cnn": "cnn_fashion_mnist.py", "resnet": "resnet_fashion_mnist.py",
-          "dcgan": "dcgan_fashion_mnist.py", "vae": "vae_conv_fashion_mnist.py",
-          "vae_mlp": "vae_mlp_fashion_mnist.py"}
+MODELS = {"cnn": "cnn.py", "resnet": "resnet.py",
+          "dcgan": "dcgan.py", "vae": "vae_conv.py",
+          "vae_mlp": "vae_mlp.py"}
 
 # Published dense peak FLOP/s per device: (substring of device_kind, float32,
 # bfloat16). float32 on GPUs is the non-tensor-core rate.

@@ -115,6 +115,12 @@ class WorkdirLock:
 
 def check_writable(workdir: str) -> None:
   """Raises CheckpointError if `workdir` cannot be created or written."""
+  if "://" in workdir:
+    raise CheckpointError(
+        f"The workdir {workdir!r} is a URL; genimg writes its workdir through "
+        "the local file system (the run lock needs flock). On several hosts "
+        "pass a directory of a shared file system that every host mounts "
+        "(e.g. Filestore/NFS at /mnt/shared/run).")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")

@@ -150,8 +150,12 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
-               augment_images: bool = False) -> tuple[TrainState, dict]:
+               augment_images: bool = False,
+               flip: bool = True) -> tuple[TrainState, dict]:
   """One optimizer step on the cross-entropy. rng: augmentation draws.
+
+  augment_images: random crops, and horizontal flips if `flip` (not for
+  digits, whose mirror images are not digits).
 
   Metrics (scalars): loss and accuracy of the batch before the update, the
   gradient's global norm, and the updated parameters' global norm.
@@ -159,7 +163,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   rng = jax.random.fold_in(rng, state.step)
   images = to_float(batch["image"])
   if augment_images:
-    images = augment(images, rng)
+    images = augment(images, rng, flip=flip)
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
@@ -209,4 +213,5 @@ def make_evaluator(config, mesh, eval_source, workdir):
 def bind_train_step(config: ml_collections.ConfigDict, mesh=None):
   """The train step with the config's static choices bound."""
   del mesh  # Every intermediate follows the sharded batch.
-  return functools.partial(train_step, augment_images=config.augment)
+  return functools.partial(train_step, augment_images=config.augment,
+                           flip=config.get("augment_flip", True))

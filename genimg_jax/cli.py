@@ -1,8 +1,9 @@
 """The `genimg` command: train, eval (and bench) from experiment configs.
 
-  genimg train --config experiments/cnn_fashion_mnist.py --workdir DIR \
+  genimg train --config experiments/cnn.py --workdir DIR \
       [--config.batch_size=256 ...]
   genimg eval --workdir DIR
+  genimg export-features --workdir DIR --output FILE
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
 """
 
@@ -39,6 +40,13 @@ def _parser():
                      help="checkpoints, logs and samples go here")
   evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint")
   evaluate.add_argument("--workdir", required=True)
+  export = sub.add_parser(
+      "export-features",
+      help="write a trained ResNet classifier as an FID feature network")
+  export.add_argument("--workdir", required=True)
+  export.add_argument("--output", required=True,
+                      help="FILE (msgpack); FILE.json gets shapes and SHA-256;"
+                           " use with --config.feature_network=FILE")
   bench = sub.add_parser("bench", help="time compiled train steps")
   bench.add_argument("--model", default="cnn",
                      help="comma-separated model names, or all")
@@ -67,6 +75,7 @@ def main(argv=None) -> int:
   known_errors = (config_lib.ConfigError, data.DataError,
                   checkpoint.CheckpointError, FloatingPointError, ValueError)
   try:
+    distributed.use_cpu_cores()
     distributed.maybe_initialize()
     if args.command == "train":
       config = config_lib.apply_overrides(
@@ -74,6 +83,8 @@ def main(argv=None) -> int:
       _, metrics = train.train_and_evaluate(config, args.workdir)
     elif args.command == "eval":
       metrics = train.evaluate_workdir(args.workdir, overrides)
+    elif args.command == "export-features":
+      metrics = train.export_feature_network(args.workdir, args.output)
     else:
       from genimg_jax import bench  # pylint: disable=g-import-not-at-top
       ints = lambda text: [int(x) for x in text.split(",")]

@@ -21,13 +21,27 @@ class ConfigError(ValueError):
   """A config file or an override that cannot be used, with what to do."""
 
 
+def split_config_arg(path: str) -> tuple[str, str]:
+  """"experiments/x.py:ARG" -> ("experiments/x.py", "ARG"); no colon: ""."""
+  if not os.path.isfile(path) and ":" in path:
+    path, arg = path.rsplit(":", 1)
+    return path, arg
+  return path, ""
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Imports `path` and returns its `get_config()`, locked against new keys."""
+  """Imports `path` and returns its `get_config()`, locked against new keys.
+
+  `path` may end in `:ARG` (ml_collections style): then `get_config(ARG)`,
+  e.g. experiments/dcgan.py:cifar10,full.
+  """
+  path, arg = split_config_arg(path)
   if not os.path.isfile(path):
     raise ConfigError(
         f"Config file {path!r} does not exist. Pass a file from experiments/, "
-        "for example --config experiments/cnn_fashion_mnist.py.")
-  # Configs import their siblings as `from experiments import base_config`.
+        "for example --config experiments/cnn.py (or experiments/cnn.py:mnist "
+        "for another data set).")
+  # Configs import their siblings as `from experiments import common`.
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if root not in sys.path:
     sys.path.insert(0, root)
@@ -36,7 +50,10 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"Config file {path!r} has no get_config() function.")
-  config = module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   config.lock()
   return config
 

@@ -1,10 +1,55 @@
-"""Multi-host start-up through JAX's own runtime (`jax.distributed`)."""
+"""Process start-up: CPU devices per core, and multi-host through JAX's own
+runtime (`jax.distributed`)."""
 
 from __future__ import annotations
 
 import os
 
 import jax
+
+MAX_CPU_DEVICES = 8
+
+
+def default_cpu_device_count(num_cores: int) -> int:
+  """The largest power of two <= min(num_cores, 8).
+
+  A power of two divides every batch size the configs use; 8 is enough to
+  keep a workstation's cores busy and keeps eval batches (1000) divisible.
+  """
+  count = 1
+  while count * 2 <= min(num_cores, MAX_CPU_DEVICES):
+    count *= 2
+  return count
+
+
+def use_cpu_cores() -> int | None:
+  """Exposes each CPU core as an XLA CPU device; call before any JAX work.
+
+  XLA:CPU leaves most of one device's convolution gradients on one core, so a
+  data-parallel step over one device per core is up to 1.5x faster on 2 cores
+  (README, Train-step throughput). Accelerators are unaffected: the mesh is
+  built over the default backend's devices. GENIMG_CPU_DEVICES=N picks N
+  (1 turns this off); an XLA_FLAGS that already sets
+  --xla_force_host_platform_device_count wins. Returns the count set, or None.
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  requested = os.environ.get("GENIMG_CPU_DEVICES")
+  if requested:
+    try:
+      count = int(requested)
+    except ValueError:
+      raise ValueError(f"GENIMG_CPU_DEVICES={requested!r} must be a positive "
+                       "integer (1: one CPU device).") from None
+    if count < 1:
+      raise ValueError(f"GENIMG_CPU_DEVICES={requested!r} must be >= 1.")
+  else:
+    count = default_cpu_device_count(len(os.sched_getaffinity(0)))
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # Backends already initialised (e.g. in a notebook).
+    return None
+  return count
 
 
 def maybe_initialize() -> None:

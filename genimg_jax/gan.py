@@ -173,6 +173,9 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
   gan = config.gan
   if gan.loss not in LOSSES:
     raise ValueError(f"Unknown gan.loss {gan.loss!r}; choose from {LOSSES}.")
+  if gan.conditional and config.data.num_classes < 2:
+    raise ValueError("gan.conditional needs a labelled data set "
+                     f"(data.num_classes is {config.data.num_classes}).")
   return Settings(gan.loss, gan.n_critic, gan.gp_weight, gan.ema_decay,
                   gan.z_dim, gan.conditional, gan.skip_nonfinite)
 
@@ -356,7 +359,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   """
   settings = settings_from_config(config)
   sampler = make_sampler(mesh)
-  num_classes = config.data.num_classes
+  num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
   fixed_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                          (64, settings.z_dim)))
   fixed_labels = np.arange(64, dtype=np.int32) % num_classes
@@ -365,11 +368,9 @@ def make_evaluator(config, mesh, eval_source, workdir):
   class_z = np.repeat(fixed_z[:10][None], num_classes, 0).reshape(
       -1, settings.z_dim)
   class_labels = np.repeat(np.arange(num_classes, dtype=np.int32), 10)
-  metric = None
-  if config.eval_samples:
-    metric = quality.QualityMetrics(
-        quality.load_feature_network(mesh),
-        eval_source.take(np.arange(len(eval_source)))["image"])
+  metric = quality.metrics_for_config(
+      config, mesh, eval_source.take(np.arange(len(eval_source)))["image"]
+      if config.eval_samples else None)
   sample_dir = os.path.join(workdir, "samples")
 
   def evaluator(state, step):

@@ -1,4 +1,4 @@
-"""Sample-quality metrics with the project's own Fashion-MNIST classifier.
+"""Sample-quality metrics with the project's own classifiers as features.
 
 FID: the Frechet distance between Gaussians fitted to the classifier's
 penultimate features (the ResNet's pooled activations, 64 numbers) of
@@ -7,7 +7,8 @@ exp(E_x KL(p(y|x) || p(y))) over the classifier's class probabilities, in one
 split. Generated images in [-1, 1] are quantized to uint8 first, exactly as a
 PNG of them would be, so real and generated images go through the same
 preprocessing (x / 255). The network ships in `genimg_jax/assets/` with its
-SHA-256; `experiments/resnet_fashion_mnist.py` retrains it.
+SHA-256; `experiments/resnet.py` retrains it, and `genimg export-features`
+makes a feature network for any other data set from a trained ResNet.
 """
 
 from __future__ import annotations
@@ -67,15 +68,24 @@ def file_sha256(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def save_feature_network(state, model_config, path: str = FEATURE_NETWORK):
-  """Writes a trained ResNet classifier's variables and settings."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+def save_feature_network(state, model_config, path: str = FEATURE_NETWORK,
+                         image_shape=(28, 28, 1), num_classes: int = 10):
+  """Writes a trained ResNet classifier's variables and settings.
+
+  `path` gets the variables (msgpack); `path + ".json"` the ResNet's width and
+  blocks, the image shape and classes it was trained on, and the SHA-256.
+  """
+  if model_config.name != "resnet":
+    raise ValueError(f"A feature network must be a ResNet classifier "
+                     f"(model.name 'resnet'), not {model_config.name!r}.")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   variables = jax.device_get({"params": state.params,
                               "batch_stats": state.batch_stats})
   with open(path, "wb") as f:
     f.write(flax.serialization.to_bytes(variables))
   meta = {"width": model_config.width,
           "blocks_per_stage": list(model_config.blocks_per_stage),
+          "image_shape": list(image_shape), "num_classes": num_classes,
           "sha256": file_sha256(path)}
   with open(path + ".json", "w") as f:
     json.dump(meta, f, indent=2)
@@ -109,25 +119,56 @@ class FeatureNetwork:
         self.mesh, self.batch_size)
 
 
-def load_feature_network(mesh, path: str = FEATURE_NETWORK) -> FeatureNetwork:
-  """The shipped Fashion-MNIST ResNet, checked against its SHA-256."""
+def load_feature_network(mesh, path: str = FEATURE_NETWORK,
+                         image_shape=None) -> FeatureNetwork:
+  """A saved ResNet feature network, checked against its SHA-256 and, if
+  given, the image shape it must accept."""
   if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
     raise FileNotFoundError(
-        f"Feature network {path!r} is missing. Train it with "
-        "`genimg train --config experiments/resnet_fashion_mnist.py` and "
-        "export it (see README, Sample quality).")
+        f"Feature network {path!r} (and its .json) is missing. Train a ResNet "
+        "on the data set (experiments/resnet.py:DATASET) and write one with "
+        "`genimg export-features --workdir DIR --output FILE`.")
   with open(path + ".json") as f:
     meta = json.load(f)
   if file_sha256(path) != meta["sha256"]:
     raise ValueError(f"Feature network {path!r} does not match its SHA-256 "
                      f"{meta['sha256']}: the file is corrupt or was changed.")
-  model = classifier.ResNet(10, meta["width"], tuple(meta["blocks_per_stage"]))
+  net_shape = tuple(meta.get("image_shape", (28, 28, 1)))
+  if image_shape is not None and tuple(image_shape) != net_shape:
+    raise ValueError(
+        f"Feature network {path!r} takes images of shape {net_shape}, not "
+        f"{tuple(image_shape)}. Export one trained on this data set with "
+        "`genimg export-features`, or set --config.eval_samples=0.")
+  model = classifier.ResNet(meta.get("num_classes", 10), meta["width"],
+                            tuple(meta["blocks_per_stage"]))
   template = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+      jax.random.key(0), jnp.zeros((1, *net_shape))))
   with open(path, "rb") as f:
     variables = flax.serialization.from_bytes(
         jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), f.read())
   return FeatureNetwork(model, variables, mesh)
+
+
+def feature_network_path(name_or_path: str) -> str:
+  """A shipped network's name ("fashion_mnist_resnet") or a file path."""
+  shipped = os.path.join(ASSETS, name_or_path + ".msgpack")
+  return shipped if os.path.isfile(shipped) else name_or_path
+
+
+def metrics_for_config(config, mesh, real_images_uint8):
+  """QualityMetrics for `config` (its feature_network and eval_samples), or
+  None when config.eval_samples is 0."""
+  if not config.eval_samples:
+    return None
+  name = config.get("feature_network", "fashion_mnist_resnet")
+  if not name:
+    raise ValueError(
+        "config.eval_samples > 0 needs config.feature_network: a shipped "
+        "network's name or a file from `genimg export-features`. Or set "
+        "--config.eval_samples=0 to skip FID and score.")
+  network = load_feature_network(mesh, feature_network_path(name),
+                                 config.data.image_shape)
+  return QualityMetrics(network, real_images_uint8)
 
 
 class QualityMetrics:

@@ -194,8 +194,8 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   return state, eval_metrics
 
 
-def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
-  """Restores the latest checkpoint of `workdir` and evaluates it."""
+def restore_workdir(workdir: str, overrides=()):
+  """(config, mesh, state) of the latest checkpoint in a `genimg train` workdir."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise checkpoint.CheckpointError(
@@ -205,7 +205,6 @@ def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
     config = ml_collections.ConfigDict(json.load(f))
   config = config_lib.apply_overrides(config, overrides)
   mesh = parallel.make_mesh(config.mesh.num_devices)
-  eval_source = data.load_split(config.data, config.data.eval_split)
   state = init_state(config, mesh, jax.random.key(0), 1)
   ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
                                  config.keep_checkpoints)
@@ -215,7 +214,29 @@ def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
     ckpt.close()
   if state is None:
     raise checkpoint.CheckpointError(f"{workdir!r} has no checkpoint yet.")
+  return config, mesh, state
+
+
+def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
+  """Restores the latest checkpoint of `workdir` and evaluates it."""
+  config, mesh, state = restore_workdir(workdir, overrides)
+  eval_source = data.load_split(config.data, config.data.eval_split)
   step = int(jax.device_get(state.step))
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
                                                    workdir)
   return {"step": step, **evaluator(state, step)}
+
+
+def export_feature_network(workdir: str, output: str) -> dict:
+  """Writes the latest ResNet classifier of `workdir` as a feature network
+  (`output` and `output.json`) for FID and score on its data set."""
+  config, _, state = restore_workdir(workdir)
+  if config.family != "classifier":
+    raise config_lib.ConfigError(
+        f"{workdir!r} trained a {config.family}, not a classifier: train "
+        "experiments/resnet.py:DATASET and export that.")
+  from genimg_jax import quality  # pylint: disable=g-import-not-at-top
+  meta = quality.save_feature_network(
+      state, config.model, output, tuple(config.data.image_shape),
+      config.data.num_classes)
+  return {"step": int(jax.device_get(state.step)), "output": output, **meta}

@@ -204,6 +204,9 @@ def settings_from_config(config) -> Settings:
   if config.vae.likelihood not in LIKELIHOODS:
     raise ValueError(f"Unknown vae.likelihood {config.vae.likelihood!r}; "
                      f"choose from {LIKELIHOODS}.")
+  if config.vae.conditional and config.data.num_classes < 2:
+    raise ValueError("vae.conditional needs a labelled data set "
+                     f"(data.num_classes is {config.data.num_classes}).")
   return Settings(config.vae.likelihood, config.vae.beta,
                   config.vae.conditional)
 
@@ -376,10 +379,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   eval_rng = parallel.replicate(jax.random.key(config.seed + 7), mesh)
   model = make_model(config)
   dims = math.prod(config.data.image_shape)
-  metric = None
-  if config.eval_samples:
-    metric = quality.QualityMetrics(quality.load_feature_network(mesh),
-                                    all_examples["image"])
+  metric = quality.metrics_for_config(config, mesh, all_examples["image"])
 
   def mean_image(outputs):
     if settings.likelihood == "bernoulli":
@@ -401,7 +401,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
   z_dim = config.vae.latent_dim
   prior_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                          (64, z_dim)))
-  prior_labels = np.arange(64, dtype=np.int32) % config.data.num_classes
+  num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
+  prior_labels = np.arange(64, dtype=np.int32) % num_classes
   interp_z = np.asarray(images_lib.interpolation_latents(
       jax.random.key(config.seed + 2), 8, 10, z_dim))
   sample_dir = os.path.join(workdir, "samples")
@@ -436,8 +437,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
     if metric is not None:
       z = np.asarray(jax.random.normal(jax.random.key(config.seed + 3),
                                        (config.eval_samples, z_dim)))
-      labels = np.arange(config.eval_samples, dtype=np.int32) % (
-          config.data.num_classes)
+      labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
       metrics.update(metric(sample_uint8(state.params, z, labels)))
     return metrics
   return evaluator

@@ -38,7 +38,7 @@ def idx_dir(tmp_path):
   return directory
 
 
-def tiny_config(idx_dir, experiment="cnn_fashion_mnist.py", **overrides):
+def tiny_config(idx_dir, experiment="cnn.py", **overrides):
   """The real experiment config, shrunk to a few steps on tiny data."""
   config = config_lib.load_config_file(os.path.join(REPO, "experiments",
                                                     experiment))

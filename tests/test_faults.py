@@ -16,7 +16,7 @@ from conftest import REPO, tiny_config
 GENIMG = os.path.join(os.path.dirname(sys.executable), "genimg")
 
 
-def _command(workdir, idx_dir, experiment="cnn_fashion_mnist.py", steps=12):
+def _command(workdir, idx_dir, experiment="cnn.py", steps=12):
   return [GENIMG, "train", "--config",
           os.path.join(REPO, "experiments", experiment), "--workdir", workdir,
           f"--config.data.idx_dir={idx_dir}", "--config.batch_size=16",
@@ -138,6 +138,11 @@ def test_unwritable_workdir(tmp_path, idx_dir):
   blocker.write_text("a file where a directory should be")
   with pytest.raises(checkpoint.CheckpointError, match="Cannot write"):
     train.train_and_evaluate(tiny_config(idx_dir), str(blocker / "run"))
+
+
+def test_url_workdir_is_refused_with_advice(idx_dir):
+  with pytest.raises(checkpoint.CheckpointError, match="shared file system"):
+    train.train_and_evaluate(tiny_config(idx_dir), "gs://bucket/run")
 
 
 def test_full_disk_is_reported(tmp_path, idx_dir):

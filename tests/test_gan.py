@@ -10,7 +10,7 @@ import pytest
 from genimg_jax import classifier, gan, parallel, quality, train
 from conftest import tiny_config
 
-DCGAN = "dcgan_fashion_mnist.py"
+DCGAN = "dcgan.py"
 
 
 def test_generator_and_discriminator_shapes():
@@ -148,19 +148,18 @@ def test_skip_nonfinite_keeps_the_state(idx_dir):
 
 
 def _tiny_feature_network(path, idx_dir):
-  config = tiny_config(idx_dir, "resnet_fashion_mnist.py", **{
+  config = tiny_config(idx_dir, "resnet.py", **{
       "model.width": 4, "model.blocks_per_stage": "(1,)"})
   state = classifier.create_train_state(config, jax.random.key(0), 1)
   return quality.save_feature_network(state, config.model, path)
 
 
-def test_gan_evaluation_writes_grids_and_fid(tmp_path, idx_dir, monkeypatch):
+def test_gan_evaluation_writes_grids_and_fid(tmp_path, idx_dir):
   path = str(tmp_path / "net.msgpack")
   _tiny_feature_network(path, idx_dir)
-  monkeypatch.setattr(quality, "FEATURE_NETWORK", path)
-  monkeypatch.setattr(quality.load_feature_network, "__defaults__", (path,))
   config = _tiny_gan(idx_dir, **{"eval_samples": 64, "num_steps": 2,
-                                 "gan.conditional": True})
+                                 "gan.conditional": True,
+                                 "feature_network": path})
   workdir = str(tmp_path / "run")
   _, metrics = train.train_and_evaluate(config, workdir)
   assert metrics["fid"] > 0 and 1.0 <= metrics["score"] <= 10.0

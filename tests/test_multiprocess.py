@@ -16,7 +16,7 @@ GENIMG = os.path.join(os.path.dirname(sys.executable), "genimg")
 
 def _command(workdir, idx_dir):
   return [GENIMG, "train", "--config",
-          os.path.join(REPO, "experiments", "cnn_fashion_mnist.py"),
+          os.path.join(REPO, "experiments", "cnn.py"),
           "--workdir", workdir, f"--config.data.idx_dir={idx_dir}",
           "--config.batch_size=16", "--config.eval_batch_size=8",
           "--config.num_steps=4", "--config.checkpoint_every=2",

@@ -1,10 +1,13 @@
 """FID and score against direct computations."""
 
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg
 
-from genimg_jax import data, parallel, quality
+from genimg_jax import cli, data, parallel, quality, train
+from conftest import tiny_config
 
 
 def _scipy_frechet(mu1, s1, mu2, s2):
@@ -72,3 +75,49 @@ def test_corrupt_feature_network_is_refused(tmp_path):
       '{"width": 4, "blocks_per_stage": [1], "sha256": "0"}')
   with pytest.raises(ValueError, match="SHA-256"):
     quality.load_feature_network(parallel.make_mesh(), str(path))
+
+
+def test_export_features_then_use_it_for_fid(tmp_path, idx_dir, capsys):
+  """A trained ResNet workdir -> feature network -> FID of a GAN run."""
+  workdir, net = str(tmp_path / "resnet"), str(tmp_path / "net.msgpack")
+  config = tiny_config(idx_dir, "resnet.py", num_steps=2, **{
+      "model.width": 4, "model.blocks_per_stage": "(1,)"})
+  train.train_and_evaluate(config, workdir)
+  assert cli.main(["export-features", "--workdir", workdir,
+                   "--output", net]) == 0
+  meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert meta["step"] == 2 and meta["image_shape"] == [28, 28, 1]
+  assert meta["sha256"] == quality.file_sha256(net)
+  network = quality.load_feature_network(parallel.make_mesh(), net,
+                                         (28, 28, 1))
+  features, probs = network(np.zeros((16, 28, 28, 1), np.uint8))
+  assert features.shape == (16, 4) and probs.shape == (16, 10)  # 1 stage.
+  with pytest.raises(ValueError, match=r"takes images of shape \(28, 28, 1\)"):
+    quality.load_feature_network(parallel.make_mesh(), net, (32, 32, 3))
+  gan_config = tiny_config(idx_dir, "dcgan.py", num_steps=1,
+                           eval_samples=32, feature_network=net)
+  _, metrics = train.train_and_evaluate(gan_config, str(tmp_path / "gan"))
+  assert metrics["fid"] > 0 and 1.0 <= metrics["score"] <= 10.0
+
+
+def test_export_refuses_a_generative_workdir(tmp_path, idx_dir, capsys):
+  workdir = str(tmp_path / "gan")
+  train.train_and_evaluate(tiny_config(idx_dir, "dcgan.py", num_steps=1),
+                           workdir)
+  assert cli.main(["export-features", "--workdir", workdir,
+                   "--output", str(tmp_path / "x")]) == 2
+  assert "not a classifier" in capsys.readouterr().err
+
+
+def test_fid_without_feature_network_says_what_to_do(idx_dir):
+  config = tiny_config(idx_dir, "dcgan.py", eval_samples=16,
+                       feature_network="")
+  with pytest.raises(ValueError, match="needs config.feature_network"):
+    quality.metrics_for_config(config, parallel.make_mesh(),
+                               np.zeros((16, 28, 28, 1), np.uint8))
+
+
+def test_shipped_network_is_found_by_name():
+  assert quality.feature_network_path("fashion_mnist_resnet") == (
+      quality.FEATURE_NETWORK)
+  assert quality.feature_network_path("/x/net.msgpack") == "/x/net.msgpack"

@@ -26,8 +26,8 @@ def _assert_trees_equal(a, b):
 
 
 @pytest.mark.parametrize("experiment,overrides", [
-    ("cnn_fashion_mnist.py", {}),
-    ("resnet_fashion_mnist.py", {"model.width": 4,
+    ("cnn.py", {}),
+    ("resnet.py", {"model.width": 4,
                                  "model.blocks_per_stage": "(1, 1)"}),
 ])
 def test_one_and_eight_devices_give_the_same_parameters(
@@ -66,7 +66,7 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path, idx_dir):
 
 
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):
-  config = tiny_config(idx_dir, "resnet_fashion_mnist.py", **{
+  config = tiny_config(idx_dir, "resnet.py", **{
       "model.width": 4, "model.blocks_per_stage": "(1, 1)",
       "checkpoint_every": 100})
   full, full_metrics = train.train_and_evaluate(config,
@@ -90,7 +90,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):
 def test_checkpoint_of_another_model_is_refused(tmp_path, idx_dir):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(idx_dir, num_steps=3), workdir)
-  other = tiny_config(idx_dir, "resnet_fashion_mnist.py", num_steps=3)
+  other = tiny_config(idx_dir, "resnet.py", num_steps=3)
   with pytest.raises(checkpoint.CheckpointError, match="different model"):
     train.train_and_evaluate(other, workdir)
 
@@ -110,7 +110,7 @@ def test_nan_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, idx_dir):
 def test_cli_train_then_eval(tmp_path, idx_dir, capsys):
   workdir = str(tmp_path / "run")
   args = ["train", "--config", os.path.join(REPO, "experiments",
-                                             "cnn_fashion_mnist.py"),
+                                             "cnn.py"),
           "--workdir", workdir, f"--config.data.idx_dir={idx_dir}",
           "--config.batch_size=16", "--config.eval_batch_size", "8",
           "--config.num_steps=4", "--config.checkpoint_every=2"]
@@ -128,7 +128,7 @@ def test_cli_train_then_eval(tmp_path, idx_dir, capsys):
 
 def test_cli_bad_override_fails_fast(tmp_path, capsys):
   code = cli.main(["train", "--config", os.path.join(
-      REPO, "experiments", "cnn_fashion_mnist.py"), "--workdir",
+      REPO, "experiments", "cnn.py"), "--workdir",
                    str(tmp_path), "--config.optimiser.lr=1"])
   assert code == 2
   err = capsys.readouterr().err
@@ -141,7 +141,7 @@ def test_installed_genimg_command(tmp_path, idx_dir):
   workdir = str(tmp_path / "run")
   out = subprocess.run(
       [os.path.join(os.path.dirname(sys.executable), "genimg"), "train",
-       "--config", os.path.join(REPO, "experiments", "cnn_fashion_mnist.py"),
+       "--config", os.path.join(REPO, "experiments", "cnn.py"),
        "--workdir", workdir, f"--config.data.idx_dir={idx_dir}",
        "--config.batch_size=16", "--config.num_steps=2"],
       capture_output=True, text=True, timeout=300, check=False)

@@ -11,7 +11,7 @@ import pytest
 from genimg_jax import parallel, train, vae
 from conftest import tiny_config
 
-CONV = "vae_conv_fashion_mnist.py"
+CONV = "vae_conv.py"
 
 
 def test_conv_vae_parameter_count():

@@ -1,0 +1,91 @@
+"""What the experiment configs share: data sets, variants, optimizers.
+
+Every experiment file's `get_config(arg)` takes `arg = "DATASET[,VARIANT]"`,
+given on the command line after a colon:
+
+  genimg train --config experiments/dcgan.py:cifar10,full --workdir ...
+
+DATASET is one of DATASETS (default fashion_mnist); VARIANT is "local" (the
+default: sized for a 2-core CPU machine) or "full" (for a GPU or TPU).
+"""
+
+import ml_collections
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+VARIANTS = ("local", "full")
+
+# name -> (TFDS name, offline IDX directory, image shape, classes, centre crop)
+DATASETS = {
+    "fashion_mnist": ("fashion_mnist", DEBIAN_FASHION_MNIST, (28, 28, 1), 10, 0),
+    "mnist": ("mnist", "", (28, 28, 1), 10, 0),
+    "cifar10": ("cifar10", "", (32, 32, 3), 10, 0),
+    # CelebA's 218 x 178 faces: the central 140 x 140 resized to 64 x 64.
+    "celeb_a64": ("celeb_a", "", (64, 64, 3), 0, 140),
+}
+LABELLED = tuple(name for name, spec in DATASETS.items() if spec[3])
+GRAYSCALE = tuple(name for name, spec in DATASETS.items()
+                  if spec[2][2] == 1)
+# The sample-quality feature network shipped for each data set.
+FEATURE_NETWORKS = {"fashion_mnist": "fashion_mnist_resnet"}
+
+
+def parse_arg(arg: str, datasets=tuple(DATASETS)) -> tuple[str, str]:
+  """"DATASET[,VARIANT]" -> (dataset, variant), checked against `datasets`."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  dataset = parts[0] if parts else "fashion_mnist"
+  variant = parts[1] if len(parts) > 1 else "local"
+  if dataset not in datasets or variant not in VARIANTS or len(parts) > 2:
+    raise ValueError(
+        f"Config argument {arg!r} must be DATASET[,VARIANT] with DATASET in "
+        f"{list(datasets)} and VARIANT in {list(VARIANTS)}, e.g. "
+        "experiments/dcgan.py:cifar10,full.")
+  return dataset, variant
+
+
+def get_data_config(dataset: str = "fashion_mnist"):
+  """Where the images come from. idx_dir wins over the TFDS name when set."""
+  name, idx_dir, image_shape, num_classes, center_crop = DATASETS[dataset]
+  data = ml_collections.ConfigDict()
+  data.name = name
+  data.idx_dir = idx_dir
+  data.tfds_data_dir = ""
+  data.download = False
+  data.in_memory = dataset != "celeb_a64"  # 162,770 faces: read on demand.
+  data.eval_split = "test"
+  data.image_shape = image_shape
+  data.num_classes = num_classes
+  data.center_crop = center_crop  # 0: none.
+  return data
+
+
+def get_optimizer_config(name: str = "adam", learning_rate: float = 1e-3,
+                         schedule: str = "cosine", warmup_steps: int = 200,
+                         b1: float = 0.9, b2: float = 0.999,
+                         momentum: float = 0.0, weight_decay: float = 0.0):
+  """An optimizer (see genimg_jax/optim.py): adam(w) or sgd with Nesterov."""
+  opt = ml_collections.ConfigDict()
+  opt.name = name
+  opt.learning_rate = learning_rate
+  opt.schedule = schedule
+  opt.warmup_steps = warmup_steps
+  opt.b1 = b1
+  opt.b2 = b2
+  opt.momentum = momentum
+  opt.weight_decay = weight_decay
+  return opt
+
+
+def adam(learning_rate=2e-4, b1=0.5, b2=0.999):
+  """Adam at a constant learning rate, as GANs use it."""
+  return get_optimizer_config("adam", learning_rate, "constant", 0, b1, b2)
+
+
+def get_run_config(config, family: str, seed: int = 0):
+  """Fills the fields every experiment has: family, seed, mesh, logging."""
+  config.family = family
+  config.seed = seed
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.num_devices = 0  # 0: all devices.
+  config.log_every = 100
+  config.keep_checkpoints = 3
+  return config
