@@ -12,9 +12,12 @@ run() {  # run NAME ARGS...: times a genimg command, log in $out/NAME.log
 }
 run cnn train --config experiments/cnn.py --workdir "$out/cnn"
 run resnet train --config experiments/resnet.py --workdir "$out/resnet"
+run resnet_full train --config experiments/resnet.py:fashion_mnist,full --workdir "$out/resnet_full"
 run dcgan train --config experiments/dcgan.py --workdir "$out/dcgan"
 run wgan_gp train --config experiments/wgan_gp.py --workdir "$out/wgan_gp" --config.num_steps=500 --config.eval_every=250
 run hinge_sn train --config experiments/hinge_sn.py --workdir "$out/hinge_sn" --config.num_steps=1500 --config.eval_every=750
 run vae_mlp train --config experiments/vae_mlp.py --workdir "$out/vae_mlp" --config.vae.iw_samples=1000
 run vae_conv train --config experiments/vae_conv.py --workdir "$out/vae_conv" --config.vae.iw_samples=100
-run bench bench --model dcgan,cnn,vae --batch 64,128 --steps 10 --output "$out/bench.jsonl"
+run vae_cond train --config experiments/vae_cond.py --workdir "$out/vae_cond" --config.vae.iw_samples=100
+run cgan train --config experiments/cgan.py --workdir "$out/cgan"
+run bench bench --model cnn,dcgan,vae --batch 64,128 --devices 1,2 --steps 10 --output "$out/bench.jsonl"
