@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from genimg_jax import parallel
 
@@ -366,10 +367,14 @@ def eval_batches(source, global_batch: int, mesh: Mesh) -> Iterator[dict]:
 def sum_over_split(step_fn, state, source, global_batch: int, mesh: Mesh):
   """Adds up `step_fn(state, batch)`'s pytree of sums over all of `source`.
 
-  Sums stay on device until the end: one transfer, no mean of means.
+  Sums stay on device until the end: one transfer, no mean of means. Shows a
+  progress bar on process 0 (the IWAE bound can take minutes).
   """
   sums = None
-  for batch in eval_batches(source, global_batch, mesh):
+  batches = tqdm(eval_batches(source, global_batch, mesh), desc="eval",
+                 total=-(-len(source) // global_batch), unit="batch",
+                 leave=False, disable=jax.process_index() != 0)
+  for batch in batches:
     out = step_fn(state, batch)
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   return jax.device_get(sums)
