@@ -19,5 +19,5 @@ run hinge_sn train --config experiments/hinge_sn.py --workdir "$out/hinge_sn" --
 run vae_mlp train --config experiments/vae_mlp.py --workdir "$out/vae_mlp" --config.vae.iw_samples=1000
 run vae_conv train --config experiments/vae_conv.py --workdir "$out/vae_conv" --config.vae.iw_samples=100
 run vae_cond train --config experiments/vae_cond.py --workdir "$out/vae_cond" --config.vae.iw_samples=100
-run cgan train --config experiments/cgan.py --workdir "$out/cgan"
+run cgan train --config experiments/cgan.py --workdir "$out/cgan" --config.num_steps=1500 --config.eval_every=750
 run bench bench --model cnn,dcgan,vae --batch 64,128 --devices 1,2 --steps 10 --output "$out/bench.jsonl"
