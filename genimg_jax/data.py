@@ -149,9 +149,6 @@ class TfdsSource:
             "label": np.asarray([e.get(self._label_key, 0) for e in examples],
                                 np.int32)}
 
-  def to_arrays(self) -> ArraySource:
-    """Reads the whole split into memory (small data sets)."""
-    return to_arrays(self)
 
 
 def to_arrays(source) -> ArraySource:

@@ -25,9 +25,9 @@ def default_cpu_device_count(num_cores: int) -> int:
 def use_cpu_cores() -> int | None:
   """Exposes each CPU core as an XLA CPU device; call before any JAX work.
 
-  XLA:CPU leaves most of one device's convolution gradients on one core, so a
-  data-parallel step over one device per core is up to 1.5x faster on 2 cores
-  (README, Train-step throughput). Accelerators are unaffected: the mesh is
+  One XLA:CPU device does not keep all cores busy in these train steps; the
+  same step split over one device per core measured up to 1.6x faster on 2
+  cores (README, Train-step throughput). Accelerators are unaffected: the mesh is
   built over the default backend's devices. GENIMG_CPU_DEVICES=N picks N
   (1 turns this off); an XLA_FLAGS that already sets
   --xla_force_host_platform_device_count wins. Returns the count set, or None.

@@ -368,9 +368,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   class_z = np.repeat(fixed_z[:10][None], num_classes, 0).reshape(
       -1, settings.z_dim)
   class_labels = np.repeat(np.arange(num_classes, dtype=np.int32), 10)
-  metric = quality.metrics_for_config(
-      config, mesh, eval_source.take(np.arange(len(eval_source)))["image"]
-      if config.eval_samples else None)
+  metric = quality.metrics_for_config(config, mesh, eval_source)
   sample_dir = os.path.join(workdir, "samples")
 
   def evaluator(state, step):

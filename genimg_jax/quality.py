@@ -155,9 +155,10 @@ def feature_network_path(name_or_path: str) -> str:
   return shipped if os.path.isfile(shipped) else name_or_path
 
 
-def metrics_for_config(config, mesh, real_images_uint8):
-  """QualityMetrics for `config` (its feature_network and eval_samples), or
-  None when config.eval_samples is 0."""
+def metrics_for_config(config, mesh, real_source):
+  """QualityMetrics for `config` (its feature_network and eval_samples)
+  against every image of `real_source`, or None when config.eval_samples is
+  0 (then `real_source` is not read)."""
   if not config.eval_samples:
     return None
   name = config.get("feature_network", "fashion_mnist_resnet")
@@ -168,7 +169,8 @@ def metrics_for_config(config, mesh, real_images_uint8):
         "--config.eval_samples=0 to skip FID and score.")
   network = load_feature_network(mesh, feature_network_path(name),
                                  config.data.image_shape)
-  return QualityMetrics(network, real_images_uint8)
+  return QualityMetrics(
+      network, real_source.take(np.arange(len(real_source)))["image"])
 
 
 class QualityMetrics:

@@ -379,7 +379,9 @@ def make_evaluator(config, mesh, eval_source, workdir):
   eval_rng = parallel.replicate(jax.random.key(config.seed + 7), mesh)
   model = make_model(config)
   dims = math.prod(config.data.image_shape)
-  metric = quality.metrics_for_config(config, mesh, all_examples["image"])
+  metric = quality.metrics_for_config(
+      config, mesh, data.ArraySource(all_examples["image"],
+                                     all_examples["label"]))
 
   def mean_image(outputs):
     if settings.likelihood == "bernoulli":

@@ -23,7 +23,7 @@ def test_idx_roundtrip(tmp_path):
 
 def test_tfds_and_idx_yield_the_same_examples(tmp_path):
   with tfds.testing.mock_data(num_examples=24):
-    source = data.load_tfds_split("fashion_mnist", "train").to_arrays()
+    source = data.to_arrays(data.load_tfds_split("fashion_mnist", "train"))
     # The same examples written as IDX files, as Debian ships them.
     data.write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"),
                    source.images[..., 0])

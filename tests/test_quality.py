@@ -113,8 +113,8 @@ def test_fid_without_feature_network_says_what_to_do(idx_dir):
   config = tiny_config(idx_dir, "dcgan.py", eval_samples=16,
                        feature_network="")
   with pytest.raises(ValueError, match="needs config.feature_network"):
-    quality.metrics_for_config(config, parallel.make_mesh(),
-                               np.zeros((16, 28, 28, 1), np.uint8))
+    quality.metrics_for_config(config, parallel.make_mesh(), data.ArraySource(
+        np.zeros((16, 28, 28, 1), np.uint8), np.zeros(16, np.int32)))
 
 
 def test_shipped_network_is_found_by_name():

@@ -161,3 +161,13 @@ def test_vae_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):
                   jax.tree.leaves(jax.device_get(resumed))):
     np.testing.assert_array_equal(a, b)
   assert full_metrics == resumed_metrics
+
+
+def test_evaluation_scores_prior_samples_with_the_feature_network(
+    tmp_path, idx_dir):
+  """eval_samples > 0: FID and score of prior samples (shipped network)."""
+  config = tiny_config(idx_dir, CONV, num_steps=1, eval_samples=32,
+                       **{"vae.iw_samples": 0})
+  _, metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert metrics["fid"] > 0 and 1.0 <= metrics["score"] <= 10.0
+  assert np.isfinite(metrics["nelbo"])
