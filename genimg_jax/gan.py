@@ -64,8 +64,9 @@ class Generator(nn.Module):
       plan = [(64 * 2 ** (n - 1 - i), 2) for i in range(n)]
     for features, stride in plan:
       if stride == 1:
-        x = nn.ConvTranspose(features, (4, 4), padding="SAME", use_bias=False,
-                             dtype=self.dtype)(x)
+        # Named as the nn.ConvTranspose it replaces: same parameter tree.
+        x = layers.ConvTranspose1x(features, 4, use_bias=False,
+                                   dtype=self.dtype, name="ConvTranspose_0")(x)
       else:
         x = layers.ConvTranspose2x(features, 4, use_bias=False,
                                    dtype=self.dtype)(x)

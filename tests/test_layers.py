@@ -48,3 +48,26 @@ def test_max_pool_matches_flax_max_pool():
   g_ours = jax.grad(lambda v: jnp.sum(layers.max_pool_2x2(v) ** 2))(x)
   g_flax = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), (2, 2)) ** 2))(x)
   np.testing.assert_allclose(g_ours, g_flax, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch,size,cin,cout,kernel", [
+    (2, 7, 16, 8, 4), (3, 5, 4, 3, 3), (2, 4, 3, 5, 2), (1, 2, 2, 3, 5),
+    (2, 1, 3, 2, 4)])
+def test_conv_transpose_1x_matches_flax(batch, size, cin, cout, kernel):
+  """Row-trimmed stride-1 transposed conv: values and both gradients, also
+  when the kernel is larger than the image (rows with no real input)."""
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+  flax_layer = nn.ConvTranspose(cout, (kernel, kernel), padding="SAME")
+  variables = flax_layer.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # Non-zero bias.
+  ours = layers.ConvTranspose1x(cout, kernel)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == (
+      jax.tree.map(jnp.shape, variables))
+  np.testing.assert_allclose(ours.apply(variables, x),
+                             flax_layer.apply(variables, x), atol=1e-5)
+
+  def grads(layer):
+    return jax.grad(lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x))),
+                    argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+               grads(ours), grads(flax_layer))
