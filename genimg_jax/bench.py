@@ -3,13 +3,20 @@
 Each model's real train step (the function training uses, jitted with the same
 shardings by `train.compile_train_step`) is compiled, warmed up, and timed step by
 step, blocking on the new state. Synthetic uint8 data by default, so the step
-is measured alone; `input="real"` includes the input pipeline.
+is measured alone; `input="real"` includes the input pipeline. With a
+profile directory the timed steps also run under `jax.profiler.trace`, and
+the record lists the XLA ops that took the most time, with the model layer
+each came from.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
 import os
+import re
 import statistics
 import time
 
@@ -90,10 +97,69 @@ def flops_of(compiled) -> float:
   return float(analysis.get("flops", 0.0))
 
 
+# Trace events of the runtime's own bookkeeping (host calls, executors,
+# waits), not XLA ops.
+_RUNTIME_EVENTS = ("$", "[", "end:", "PjitFunction", "Common", "ThunkExecutor",
+                   "Wait", "Rendezvous", "InvokeRendezvous", "Threadpool")
+
+
+def top_ops(trace_dir: str, hlo_text: str, steps: int, devices: int,
+            count: int = 10) -> list[dict]:
+  """The `count` XLA ops with the most time in a `jax.profiler` trace.
+
+  Reads the Perfetto trace under `trace_dir`. Each entry: op (the HLO
+  instruction), layer (its source op_name from `hlo_text`, "" if none) and
+  ms_per_step (summed over the trace, divided by `steps` and `devices`).
+  """
+  files = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"),
+                    recursive=True)
+  if not files:
+    return []
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
+    events = json.load(f)
+  if isinstance(events, dict):
+    events = events["traceEvents"]
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith(_RUNTIME_EVENTS):
+      totals[e["name"]] += e["dur"] / 1e3 / steps / devices
+  layers = _op_sources(hlo_text)
+  return [{"op": name, "layer": layers.get(name, ""), "ms_per_step": ms}
+          for name, ms in totals.most_common(count)]
+
+
+def _op_sources(hlo_text: str) -> dict[str, str]:
+  """HLO instruction -> the op_name it came from, or, for a fusion without
+  one, the opcode and shape of its fused computation's root."""
+  roots = {}  # computation -> "opcode shape" of its ROOT.
+  for block in hlo_text.split("\n\n"):
+    header = re.match(r"\s*(?:ENTRY )?%([\w.\-]+) ", block)
+    root = re.search(r"ROOT %[\w.\-]+ = (\S+) ([\w\-]+)\(", block)
+    if header and root:
+      roots[header.group(1)] = f"{root.group(2)} {root.group(1)}"
+  sources = {}
+  for line in hlo_text.splitlines():
+    name = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+    if not name:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    calls = re.search(r"calls=%([\w.\-]+)", line)
+    if op_name:
+      sources[name.group(1)] = op_name.group(1)
+    elif calls and calls.group(1) in roots:
+      sources[name.group(1)] = roots[calls.group(1)]
+  return sources
+
+
 def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
               dtype: str = "float32", devices: int = 0,
-              input_pipeline: str = "synthetic") -> dict:
-  """Compiles and times `steps` train steps of `model`; returns one record."""
+              input_pipeline: str = "synthetic",
+              profile_dir: str | None = None) -> dict:
+  """Compiles and times `steps` train steps of `model`; returns one record.
+
+  profile_dir: also trace the timed steps with `jax.profiler` into
+  profile_dir/MODEL_bBATCH_dDEVICES_DTYPE and add the record's "top_ops".
+  """
   config = load_model_config(model, batch, dtype, devices)
   mesh = parallel.make_mesh(devices)
   parallel.check_global_batch(batch, mesh)
@@ -118,17 +184,26 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   for _ in range(warmup):
     state, _ = compiled(state, next(batches), rng)
   jax.block_until_ready(state)
+  trace_dir = None
+  if profile_dir:
+    trace_dir = os.path.join(
+        profile_dir, f"{model}_b{batch}_d{mesh.devices.size}_{dtype}")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
   times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, _ = compiled(state, next(batches), rng)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - t0)
+  try:
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, _ = compiled(state, next(batches), rng)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t0)
+  finally:
+    if trace_dir:
+      jax.profiler.stop_trace()
 
   device = mesh.devices.flat[0]
   peak, peak_source = peak_flops(device, dtype)
   median = statistics.median(times)
-  return {
+  record = {
       "model": model, "batch": batch, "devices": int(mesh.devices.size),
       "device_kind": device.device_kind, "platform": device.platform,
       "dtype": dtype, "input": input_pipeline,
@@ -140,6 +215,11 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
       "peak_source": peak_source,
       "fraction_of_peak": flops / median / (peak * mesh.devices.size),
   }
+  if trace_dir:
+    record["profile_dir"] = trace_dir
+    record["top_ops"] = top_ops(trace_dir, compiled.as_text(), steps,
+                                int(mesh.devices.size))
+  return record
 
 
 def add_scaling(records: list[dict]) -> None:
@@ -168,17 +248,29 @@ def format_table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def format_top_ops(record: dict) -> str:
+  lines = [f"{record['model']} batch {record['batch']} on "
+           f"{record['devices']} device(s): ms per step per device, op, layer"
+           f" (trace in {record['profile_dir']})"]
+  for op in record["top_ops"]:
+    lines.append(f"  {op['ms_per_step']:8.2f}  {op['op']:28} {op['layer']}")
+  return "\n".join(lines)
+
+
 def run(models: list[str], batches: list[int], devices: list[int],
         steps: int, dtype: str, input_pipeline: str,
-        output: str | None) -> list[dict]:
+        output: str | None, profile_dir: str | None = None) -> list[dict]:
   """Benchmarks every combination, prints the table, appends JSON lines."""
   if models == ["all"]:
     models = sorted(MODELS)
   records = [bench_one(m, b, steps, dtype=dtype, devices=d,
-                       input_pipeline=input_pipeline)
+                       input_pipeline=input_pipeline, profile_dir=profile_dir)
              for m in models for b in batches for d in devices]
   add_scaling(records)
   print(format_table(records))
+  for r in records:
+    if "top_ops" in r:
+      print(format_top_ops(r))
   if output:
     with open(output, "a") as f:
       for r in records:

@@ -62,6 +62,9 @@ def _parser():
                      help="real: include the input pipeline")
   bench.add_argument("--output", default="bench.jsonl",
                      help="JSON lines are appended here ('' for none)")
+  bench.add_argument("--profile", default="",
+                     help="DIR: trace the timed steps with jax.profiler "
+                          "(Perfetto/TensorBoard) and print the top XLA ops")
   return parser
 
 
@@ -89,7 +92,8 @@ def main(argv=None) -> int:
       from genimg_jax import bench  # pylint: disable=g-import-not-at-top
       ints = lambda text: [int(x) for x in text.split(",")]
       bench.run(args.model.split(","), ints(args.batch), ints(args.devices),
-                args.steps, args.dtype, args.input, args.output or None)
+                args.steps, args.dtype, args.input, args.output or None,
+                args.profile or None)
       metrics = None
   except known_errors as e:
     print(f"genimg {args.command}: error: {e}", file=sys.stderr)

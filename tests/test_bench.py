@@ -1,6 +1,8 @@
 """`genimg bench`: what it reports (never how fast)."""
 
+import glob
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,44 @@ def test_bench_record_fields(tmp_path):
   assert 2.5 < records[0]["flops_per_step"] / (16 * 7.37e6) < 3.5
 
 
+def test_bench_profile_lists_the_top_ops(tmp_path):
+  records = bench.run(["cnn"], [16], [2], steps=2, dtype="float32",
+                      input_pipeline="synthetic", output=None,
+                      profile_dir=str(tmp_path))
+  record = records[0]
+  assert record["profile_dir"] == os.path.join(str(tmp_path),
+                                               "cnn_b16_d2_float32")
+  assert glob.glob(os.path.join(record["profile_dir"], "**",
+                                "*perfetto_trace.json.gz"), recursive=True)
+  ms = [op["ms_per_step"] for op in record["top_ops"]]
+  assert 0 < len(ms) <= 10 and min(ms) > 0
+  assert ms == sorted(ms, reverse=True)
+  # The CNN's time is in its layers: some top op comes from a Conv or Dense.
+  assert any(("Conv" in op["layer"] or "Dense" in op["layer"] or
+              "convolution" in op["layer"]) for op in record["top_ops"])
+
+
+def test_op_sources_name_the_layer_of_each_op():
+  compiled = jax.jit(lambda x, w: jnp.tanh(x @ w)).lower(
+      jnp.ones((8, 16)), jnp.ones((16, 4))).compile()
+  sources = bench._op_sources(compiled.as_text())  # pylint: disable=protected-access
+  assert any(v.endswith("/tanh") for v in sources.values()), sources
+  assert any(v.endswith("/dot_general") for v in sources.values()), sources
+  # A fusion without metadata is named by its fused computation's root.
+  hlo = """%fused_computation.1 (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %convolution.3 = f32[2]{0} convolution(%p, %p), window={size=1}
+}
+
+ENTRY %main (a: f32[2]) -> f32[2] {
+  %a = f32[2]{0} parameter(0), metadata={op_name="a"}
+  ROOT %ynn_fusion.1 = f32[2]{0} fusion(%a), kind=kCustom, calls=%fused_computation.1
+}"""
+  sources = bench._op_sources(hlo)  # pylint: disable=protected-access
+  assert sources["ynn_fusion.1"] == "convolution f32[2]{0}"
+  assert sources["a"] == "a"
+
+
 def test_bench_unknown_model():
   with pytest.raises(ValueError, match="Unknown model 'gpt'"):
     bench.load_model_config("gpt", 16, "float32", 1)
@@ -87,8 +127,10 @@ def test_bench_cli_with_the_real_input_pipeline(tmp_path, idx_dir, monkeypatch,
   out = tmp_path / "b.jsonl"
   assert cli.main(["bench", "--model", "vae", "--batch", "16", "--steps", "2",
                    "--input", "real", "--devices", "2", "--output",
-                   str(out)]) == 0
+                   str(out), "--profile", str(tmp_path / "trace")]) == 0
   record = json.loads(out.read_text())
+  assert record["top_ops"] and record["profile_dir"].startswith(
+      str(tmp_path / "trace"))
   assert record["input"] == "real" and record["devices"] == 2
   assert record["model"] == "vae" and record["flops_per_step"] > 0
   assert "vae" in capsys.readouterr().out
