@@ -103,17 +103,17 @@ def conv_transpose_stride1(x_BHWC: jax.Array, kernel_KKIO: jax.Array,
   return y
 
 
-class ConvTranspose1x(nn.Module):
-  """`nn.ConvTranspose(features, (k, k), padding="SAME")` (stride 1).
-
-  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
-  computed by `conv_transpose_stride1`, which skips the zero-padded rows.
-  """
+class _ConvTransposeSame(nn.Module):
+  """Parameters, dtype and bias of a "SAME" transposed convolution; the
+  subclass's `transpose_conv(x, kernel)` computes it."""
   features: int
   kernel_size: int = 4
   use_bias: bool = True
   dtype: Any = None
   kernel_init: Any = nn.initializers.lecun_normal()
+
+  def transpose_conv(self, x_BHWC, kernel_KKIO):
+    raise NotImplementedError
 
   @nn.compact
   def __call__(self, x_BHWC):
@@ -121,14 +121,25 @@ class ConvTranspose1x(nn.Module):
                         (self.kernel_size, self.kernel_size, x_BHWC.shape[-1],
                          self.features))
     dtype = self.dtype or x_BHWC.dtype
-    y = conv_transpose_stride1(x_BHWC.astype(dtype), kernel.astype(dtype))
+    y = self.transpose_conv(x_BHWC.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)
                          ).astype(dtype)
     return y
 
 
-class ConvTranspose2x(nn.Module):
+class ConvTranspose1x(_ConvTransposeSame):
+  """`nn.ConvTranspose(features, (k, k), padding="SAME")` (stride 1).
+
+  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
+  computed by `conv_transpose_stride1`, which skips the zero-padded rows.
+  """
+
+  def transpose_conv(self, x_BHWC, kernel_KKIO):
+    return conv_transpose_stride1(x_BHWC, kernel_KKIO)
+
+
+class ConvTranspose2x(_ConvTransposeSame):
   """`nn.ConvTranspose(features, (k, k), strides=(2, 2), padding="SAME")`.
 
   The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
@@ -136,26 +147,10 @@ class ConvTranspose2x(nn.Module):
   channels at batch 128 on CPU). With fewer than `min_phase_features` output
   channels, XLA's own dilated form is faster and is used.
   """
-  features: int
-  kernel_size: int = 4
-  use_bias: bool = True
-  dtype: Any = None
-  kernel_init: Any = nn.initializers.lecun_normal()
   min_phase_features: int = 8
 
-  @nn.compact
-  def __call__(self, x_BHWC):
-    kernel = self.param("kernel", self.kernel_init,
-                        (self.kernel_size, self.kernel_size, x_BHWC.shape[-1],
-                         self.features))
-    dtype = self.dtype or x_BHWC.dtype
-    x, kernel = x_BHWC.astype(dtype), kernel.astype(dtype)
+  def transpose_conv(self, x_BHWC, kernel_KKIO):
     if self.features >= self.min_phase_features:
-      y = conv_transpose_stride2(x, kernel)
-    else:
-      y = jax.lax.conv_transpose(x, kernel, (2, 2), "SAME",
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)
-                         ).astype(dtype)
-    return y
+      return conv_transpose_stride2(x_BHWC, kernel_KKIO)
+    return jax.lax.conv_transpose(x_BHWC, kernel_KKIO, (2, 2), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))

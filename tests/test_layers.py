@@ -9,14 +9,10 @@ import pytest
 from genimg_jax import layers
 
 
-@pytest.mark.parametrize("batch,size,cin,cout,kernel", [
-    (2, 7, 16, 8, 4), (3, 5, 4, 3, 4), (2, 4, 3, 16, 2), (1, 6, 2, 1, 4),
-    (2, 7, 8, 16, 3), (2, 5, 4, 8, 5)])
-def test_conv_transpose_2x_matches_flax(batch, size, cin, cout, kernel):
-  x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
-  flax_layer = nn.ConvTranspose(cout, (kernel, kernel), (2, 2), padding="SAME")
+def _assert_same_as_flax(ours, flax_layer, x, bias=0.0):
+  """Same parameter shapes, outputs and gradients (parameters and input)."""
   variables = flax_layer.init(jax.random.key(1), x)
-  ours = layers.ConvTranspose2x(cout, kernel)
+  variables = jax.tree.map(lambda v: v + bias, variables)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == (
       jax.tree.map(jnp.shape, variables))
   np.testing.assert_allclose(ours.apply(variables, x),
@@ -27,6 +23,16 @@ def test_conv_transpose_2x_matches_flax(batch, size, cin, cout, kernel):
                     argnums=(0, 1))(variables, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
                grads(ours), grads(flax_layer))
+
+
+@pytest.mark.parametrize("batch,size,cin,cout,kernel", [
+    (2, 7, 16, 8, 4), (3, 5, 4, 3, 4), (2, 4, 3, 16, 2), (1, 6, 2, 1, 4),
+    (2, 7, 8, 16, 3), (2, 5, 4, 8, 5)])
+def test_conv_transpose_2x_matches_flax(batch, size, cin, cout, kernel):
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+  _assert_same_as_flax(
+      layers.ConvTranspose2x(cout, kernel),
+      nn.ConvTranspose(cout, (kernel, kernel), (2, 2), padding="SAME"), x)
 
 
 def test_conv_transpose_2x_phase_path_itself():
@@ -57,17 +63,6 @@ def test_conv_transpose_1x_matches_flax(batch, size, cin, cout, kernel):
   """Row-trimmed stride-1 transposed conv: values and both gradients, also
   when the kernel is larger than the image (rows with no real input)."""
   x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
-  flax_layer = nn.ConvTranspose(cout, (kernel, kernel), padding="SAME")
-  variables = flax_layer.init(jax.random.key(1), x)
-  variables = jax.tree.map(lambda v: v + 0.1, variables)  # Non-zero bias.
-  ours = layers.ConvTranspose1x(cout, kernel)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == (
-      jax.tree.map(jnp.shape, variables))
-  np.testing.assert_allclose(ours.apply(variables, x),
-                             flax_layer.apply(variables, x), atol=1e-5)
-
-  def grads(layer):
-    return jax.grad(lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x))),
-                    argnums=(0, 1))(variables, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
-               grads(ours), grads(flax_layer))
+  _assert_same_as_flax(
+      layers.ConvTranspose1x(cout, kernel),
+      nn.ConvTranspose(cout, (kernel, kernel), padding="SAME"), x, bias=0.1)
