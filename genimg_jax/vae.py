@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 from typing import Any
@@ -267,7 +268,8 @@ def train_step(state, batch, rng, *, settings: Settings):
   """One step on the mean negative (beta-)ELBO. rng: binarization and z.
 
   Metrics: loss (with beta), nelbo (beta = 1), recon (-log p(x|z)), kl, all
-  in nats per image, and bits_per_dim of the nelbo.
+  in nats per image, bits_per_dim of the nelbo, grad_norm and param_norm (of
+  the updated parameters, so an update that overflows them shows at once).
   """
   rng = jax.random.fold_in(rng, state.step)
   labels = batch["label"] if settings.conditional else None
@@ -284,7 +286,8 @@ def train_step(state, batch, rng, *, settings: Settings):
   dims = math.prod(batch["image"].shape[1:])
   return state, {"loss": loss, "nelbo": nelbo, "recon": -jnp.mean(log_px),
                  "kl": jnp.mean(kl), "bits_per_dim": nelbo / (dims * math.log(2)),
-                 "grad_norm": optax.tree.norm(grads)}
+                 "grad_norm": optax.tree.norm(grads),
+                 "param_norm": optax.tree.norm(state.params)}
 
 
 def bind_train_step(config, mesh=None):
@@ -293,42 +296,57 @@ def bind_train_step(config, mesh=None):
   return functools.partial(train_step, settings=settings_from_config(config))
 
 
-def importance_weighted_bound(apply_fn, params, image_uint8, labels, rng,
-                              settings: Settings, num_samples: int,
-                              chunk: int = 100) -> jax.Array:
-  """log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z|x): [B] nats.
+def log_mean_importance_weight(log_px_fn, mean_BZ, logvar_BZ, rng,
+                               num_samples: int, chunk: int = 100
+                               ) -> jax.Array:
+  """log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x) [B], z_k ~ q = N(mean, exp(lv)).
 
-  A lower bound on log p(x) that tightens as K grows (K = 1: the ELBO
-  estimate). Samples are drawn `chunk` at a time. rng: binarization (one
-  draw shared by all K samples) and the K latent draws.
+  log_px_fn(z_kBZ) -> log p(x | z) [k, B]; p(z) = N(0, I). A lower bound on
+  log p(x) that tightens as K grows; K = 1 is the single-sample ELBO. Samples
+  are drawn `chunk` at a time: rng is split into K / chunk keys and key i
+  gives the standard-normal eps [chunk, B, Z] of samples i*chunk..(i+1)*chunk-1.
   """
-  bin_rng, z_rng = jax.random.split(rng)
-  x = model_input(image_uint8, settings.likelihood, bin_rng)
-  variables = {"params": params}
-  model_method = lambda name: functools.partial(
-      apply_fn, variables, method=name)
-  mean, logvar = model_method("encode")(x, labels)
   chunk = min(chunk, num_samples)
   if num_samples % chunk:
     raise ValueError(f"num_samples {num_samples} must be a multiple of the "
                      f"chunk {chunk}.")
 
   def log_weights(key):
-    eps = jax.random.normal(key, (chunk, *mean.shape))
-    z = mean + jnp.exp(0.5 * logvar) * eps                     # [k, B, Z]
-    flat_z = z.reshape(-1, z.shape[-1])
-    tile = lambda a: None if a is None else jnp.tile(a, (chunk,) + (1,) * (
-        a.ndim - 1))
-    outputs = model_method("decode")(flat_z, tile(labels))
-    log_px = log_likelihood(settings.likelihood, tile(image_uint8), tile(x),
-                            outputs).reshape(chunk, -1)
+    eps = jax.random.normal(key, (chunk, *mean_BZ.shape))
+    z = mean_BZ + jnp.exp(0.5 * logvar_BZ) * eps               # [k, B, Z]
     log_pz = gaussian_log_prob(z, 0.0, jnp.zeros_like(z))
-    log_qz = gaussian_log_prob(z, mean, logvar)
-    return log_px + log_pz - log_qz                            # [k, B]
+    log_qz = gaussian_log_prob(z, mean_BZ, logvar_BZ)
+    return log_px_fn(z) + log_pz - log_qz                      # [k, B]
 
-  keys = jax.random.split(z_rng, num_samples // chunk)
+  keys = jax.random.split(rng, num_samples // chunk)
   weights = jax.lax.map(log_weights, keys).reshape(num_samples, -1)
   return jax.scipy.special.logsumexp(weights, axis=0) - math.log(num_samples)
+
+
+def importance_weighted_bound(apply_fn, params, image_uint8, labels, rng,
+                              settings: Settings, num_samples: int,
+                              chunk: int = 100) -> jax.Array:
+  """log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z|x): [B] nats.
+
+  The model's `log_mean_importance_weight`. rng: split into the binarization
+  (one draw shared by all K samples) and the K latent draws.
+  """
+  bin_rng, z_rng = jax.random.split(rng)
+  x = model_input(image_uint8, settings.likelihood, bin_rng)
+  variables = {"params": params}
+  mean, logvar = apply_fn(variables, x, labels, method="encode")
+
+  def log_px_fn(z_kBZ):
+    k = z_kBZ.shape[0]
+    tile = lambda a: None if a is None else jnp.tile(a, (k,) + (1,) * (
+        a.ndim - 1))
+    outputs = apply_fn(variables, z_kBZ.reshape(-1, z_kBZ.shape[-1]),
+                       tile(labels), method="decode")
+    return log_likelihood(settings.likelihood, tile(image_uint8), tile(x),
+                          outputs).reshape(k, -1)
+
+  return log_mean_importance_weight(log_px_fn, mean, logvar, z_rng,
+                                    num_samples, chunk)
 
 
 def eval_step(state, batch, rng, *, settings: Settings, iw_samples: int):
@@ -363,7 +381,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
   """evaluator(state, step) -> test nelbo, recon, kl, bits/dim, IWAE NLL
   (config.vae.iw_samples > 0), FID/score of prior samples
   (config.eval_samples > 0); writes reconstruction, prior-sample and
-  interpolation grids to workdir/samples/."""
+  interpolation grids to workdir/samples/. The z draws of the bounds
+  (seed + 7) and of the FID samples (seed + 3) are folded with `step`."""
   settings = settings_from_config(config)
   all_examples = eval_source.take(np.arange(len(eval_source)))
   images = all_examples["image"]
@@ -372,11 +391,14 @@ def make_evaluator(config, mesh, eval_source, workdir):
   source = data.ArraySource(images, all_examples["label"])
   repl, batch_sharding = (parallel.replicated(mesh),
                           parallel.data_sharding(mesh))
+  bound_step = functools.partial(eval_step, settings=settings,
+                                 iw_samples=config.vae.iw_samples)
+  # (state, batch, the evaluation's rng, batch index i): batch i draws its z
+  # from fold_in(rng, i).
   step_fn = jax.jit(
-      functools.partial(eval_step, settings=settings,
-                        iw_samples=config.vae.iw_samples),
-      in_shardings=(repl, batch_sharding, repl), out_shardings=repl)
-  eval_rng = parallel.replicate(jax.random.key(config.seed + 7), mesh)
+      lambda s, b, rng, i: bound_step(s, b, jax.random.fold_in(rng, i)),
+      in_shardings=(repl, batch_sharding, repl, repl), out_shardings=repl)
+  eval_key = jax.random.key(config.seed + 7)
   model = make_model(config)
   dims = math.prod(config.data.image_shape)
   metric = quality.metrics_for_config(
@@ -410,8 +432,13 @@ def make_evaluator(config, mesh, eval_source, workdir):
   sample_dir = os.path.join(workdir, "samples")
 
   def evaluator(state, step):
-    sums = data.sum_over_split(lambda s, b: step_fn(s, b, eval_rng), state,
-                               source, config.eval_batch_size, mesh)
+    # The z draws are folded with the step (and each batch's index): other
+    # noise at every evaluation, the same numbers in a resumed run.
+    eval_rng = parallel.replicate(jax.random.fold_in(eval_key, step), mesh)
+    batch_index = itertools.count()
+    sums = data.sum_over_split(
+        lambda s, b: step_fn(s, b, eval_rng, next(batch_index)), state, source,
+        config.eval_batch_size, mesh)
     count = sums.pop("count")
     metrics = {k: float(v / count) for k, v in sums.items()}
     metrics["bits_per_dim"] = metrics["nelbo"] / (dims * math.log(2))
@@ -437,8 +464,9 @@ def make_evaluator(config, mesh, eval_source, workdir):
           sample_uint8(state.params, interp_z,
                        np.repeat(prior_labels[:8], 10)), 10)
     if metric is not None:
-      z = np.asarray(jax.random.normal(jax.random.key(config.seed + 3),
-                                       (config.eval_samples, z_dim)))
+      z = np.asarray(jax.random.normal(
+          jax.random.fold_in(jax.random.key(config.seed + 3), step),
+          (config.eval_samples, z_dim)))
       labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
       metrics.update(metric(sample_uint8(state.params, z, labels)))
     return metrics
