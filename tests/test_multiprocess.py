@@ -1,5 +1,6 @@
 """Two processes with jax.distributed on CPU equal one process."""
 
+import json
 import os
 import socket
 import subprocess
@@ -63,6 +64,24 @@ def test_two_processes_equal_one(tmp_path, idx_dir):
   step_one, params_one = _params(single, idx_dir)
   step_two, params_two = _params(multi, idx_dir)
   assert step_one == step_two == 4
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-6),
-               params_one, params_two)
+  # Portable tolerances (see test_train's 1 vs 8 devices test): the logged
+  # per-step loss and norms, and ||a - b|| / ||a|| per parameter leaf, not
+  # per element (Adam may turn a near-0 gradient element either way).
+  # Measured: <= 1e-7 and <= 3e-7. A per-process loss and gradient (no
+  # all-reduce across hosts) moves the loss by 1e-2; a gradient times 2, the
+  # gradient norm by 1.
+  losses_one, losses_two = _train_metrics(single), _train_metrics(multi)
+  for name in ("loss", "grad_norm", "param_norm"):
+    np.testing.assert_allclose(losses_two[name], losses_one[name], rtol=5e-6,
+                               err_msg=name)
+  for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 2e-5 * np.linalg.norm(a)
+
+
+def _train_metrics(workdir):
+  """{name: [value at step 1, 2, ...]} from process 0's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+  assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+  return {k: np.array([r[k] for r in rows]) for k in rows[0]}
