@@ -124,13 +124,59 @@ def test_two_runs_cannot_share_a_workdir(tmp_path, idx_dir):
   assert int(state.step) == 2
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions "
+                    "(test_read_only_workdir covers root)")
 def test_read_only_workdir_as_user(tmp_path, idx_dir):
   workdir = tmp_path / "ro"
   workdir.mkdir()
   workdir.chmod(0o500)
   with pytest.raises(checkpoint.CheckpointError, match="Cannot write"):
     train.train_and_evaluate(tiny_config(idx_dir), str(workdir))
+
+
+# Makes "$1" a read-only bind mount of itself, then runs the rest of argv.
+_READ_ONLY = ('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && '
+              'shift && exec "$@"')
+
+
+def _read_only_namespace(directory):
+  """The argv prefix (the command follows it) that runs a command in a
+  private mount namespace where `directory` is a read-only bind mount. Unlike
+  permission bits, a read-only mount stops root too (EROFS). The mount ends
+  with the process. `unshare --mount` needs CAP_SYS_ADMIN (root), `unshare
+  --map-root-user --mount` unprivileged user namespaces; skips, giving both
+  reasons, where neither is permitted (e.g. a container without them)."""
+  reasons = []
+  for unshare in (["unshare", "--mount"],
+                  ["unshare", "--map-root-user", "--mount"]):
+    prefix = [*unshare, "sh", "-c", _READ_ONLY, "sh", str(directory)]
+    try:
+      probe = subprocess.run(
+          [*prefix, "sh", "-c", '! touch "$0/probe" 2>/dev/null',
+           str(directory)], capture_output=True, text=True, timeout=60)
+    except OSError as e:
+      pytest.skip(f"cannot run unshare: {e}")
+    if probe.returncode == 0 and not os.listdir(directory):
+      return prefix
+    if os.path.exists(os.path.join(directory, "probe")):
+      os.remove(os.path.join(directory, "probe"))  # Mounted, but writable.
+    reasons.append(f"{' '.join(unshare)}: {probe.stderr.strip()!r}")
+  pytest.skip("a read-only bind mount is not permitted here: "
+              + "; ".join(reasons))
+
+
+def test_read_only_workdir(tmp_path, idx_dir):
+  """`genimg train` on a workdir that is a read-only mount (any user, root
+  included) fails at once with the workdir error, writing nothing."""
+  workdir = tmp_path / "ro"
+  workdir.mkdir()
+  prefix = _read_only_namespace(workdir)
+  out = subprocess.run([*prefix, *_command(str(workdir), idx_dir, steps=2)],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "Cannot write to the workdir" in out.stderr, out.stderr[-2000:]
+  assert "Read-only file system" in out.stderr, out.stderr[-2000:]
+  assert not os.listdir(workdir)
 
 
 def test_unwritable_workdir(tmp_path, idx_dir):

@@ -1,12 +1,16 @@
-"""FID and score against direct computations."""
+"""FID and score against direct computations and known answers."""
 
+import itertools
 import json
+import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
 
-from genimg_jax import cli, data, parallel, quality, train
+from genimg_jax import classifier, cli, data, parallel, quality, train
 from conftest import tiny_config
 
 
@@ -56,6 +60,103 @@ def test_classifier_score_limits():
   one_class = np.tile(np.eye(k)[3], (100, 1))
   assert quality.classifier_score(one_class) == pytest.approx(1.0)
   assert quality.classifier_score(np.full((50, k), 1 / k)) == pytest.approx(1)
+
+
+def _pixel_network(channels, batch_size):
+  """A real FeatureNetwork (8-device mesh) around a hand-set ResNet without
+  residual stages, on 1x1 images of `channels` channels: features = logits =
+  the pixel values times c = 1/sqrt(1 + 1e-5) (BatchNorm's epsilon), so an
+  image whose one nonzero channel k is 255 is class k with probability 1."""
+  model = classifier.ResNet(num_classes=channels, width=channels,
+                            blocks_per_stage=())
+  eye = np.eye(channels, dtype=np.float32)
+  kernel = np.zeros((3, 3, channels, channels), np.float32)
+  kernel[1, 1] = 255 * eye  # Undoes to_float's / 255.
+  zeros, ones = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+  variables = {
+      "params": {"Conv_0": {"kernel": kernel},
+                 "BatchNorm_0": {"scale": ones, "bias": zeros},
+                 "Dense_0": {"kernel": eye, "bias": zeros}},
+      "batch_stats": {"BatchNorm_0": {"mean": zeros, "var": ones}}}
+  template = model.init(jax.random.key(0), jnp.zeros((1, 1, 1, channels)))
+  assert jax.tree.structure(variables) == jax.tree.structure(template)
+  return quality.FeatureNetwork(model, variables, parallel.make_mesh(),
+                                batch_size)
+
+
+def _cube(center, half_side, repeats):
+  """Every corner of the cube center +- half_side, `repeats` times, as uint8
+  1x1 images [16 * repeats, 1, 1, 4]: mean exactly `center`, covariance
+  exactly half_side^2 N / (N - 1) I (np.cov's N - 1)."""
+  corners = np.array(list(itertools.product((-1, 1), repeat=len(center))))
+  pixels = np.tile(np.asarray(center) + half_side * corners, (repeats, 1))
+  return pixels.astype(np.uint8)[:, None, None, :]
+
+
+def test_fid_known_answer_through_the_whole_metric_path():
+  """Real and generated features with known means and isotropic covariances:
+  FID = ||m1 - m2||^2 + d (s1 - s2)^2 (s: standard deviations). 48 and 32
+  images in chunks of 40: both sets end in a padded chunk."""
+  network = _pixel_network(4, batch_size=40)
+  m1, m2 = np.array([100, 120, 140, 60]), np.array([110, 100, 150, 90])
+  real, fake = _cube(m1, 20, 3), _cube(m2, 10, 2)
+  s1, s2 = 20 * math.sqrt(48 / 47), 10 * math.sqrt(32 / 31)
+  want = (np.sum((m1 - m2) ** 2) + 4 * (s1 - s2) ** 2) / (1 + 1e-5)
+  metrics = quality.QualityMetrics(network, real)
+  assert metrics(fake)["fid"] == pytest.approx(want, rel=1e-4)  # 1904.1
+  assert metrics(real)["fid"] == pytest.approx(0, abs=1e-6 * want)
+
+
+def test_score_known_answer_through_the_whole_metric_path():
+  """A perfect classifier: K classes evenly covered score K, one class 1,
+  classes in proportion 3:1 exp(H) = 4 / 3^(3/4). 40 images in chunks of 16:
+  the last chunk is padded with copies of its last image."""
+  network = _pixel_network(4, batch_size=16)
+  real = _cube([100, 100, 100, 100], 10, 1)
+
+  def one_hot(classes):
+    images = np.zeros((len(classes), 1, 1, 4), np.uint8)
+    images[np.arange(len(classes)), 0, 0, classes] = 255
+    return images
+
+  metrics = quality.QualityMetrics(network, real)
+  assert metrics(one_hot(np.arange(40) % 4))["score"] == pytest.approx(
+      4, rel=1e-6)
+  assert metrics(one_hot(np.full(40, 2)))["score"] == pytest.approx(
+      1, rel=1e-6)
+  uneven = one_hot(np.where(np.arange(40) < 30, 0, 3))
+  assert metrics(uneven)["score"] == pytest.approx(4 / 3 ** 0.75, rel=1e-6)
+
+
+def test_feature_network_matches_the_model_on_the_whole_array():
+  """Sharding over the 8-device mesh, chunking (16, 16, then 5 padded to 16)
+  and the removal of the padding give, image by image, what the flax model
+  gives on the whole array at once."""
+  model = classifier.ResNet(num_classes=10, width=4, blocks_per_stage=(1, 1))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  rng = np.random.default_rng(1)
+  # BatchNorm scales, biases and statistics in [0.5, 1.5], not 1 (or 0) / 0 /
+  # 0 / 1, so that no BatchNorm is the identity or zeroes its branch.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, x: (rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
+                       if "BatchNorm" in jax.tree_util.keystr(path) else x),
+      variables)
+  noise = np.random.default_rng(0).integers(0, 128, (37, 28, 28, 1))
+  images = (noise + 3 * np.arange(37)[:, None, None, None]).astype(np.uint8)
+  network = quality.FeatureNetwork(model, variables, parallel.make_mesh(),
+                                   batch_size=16)
+  features, probs = network(images)
+  x = classifier.to_float(images)
+  want_features = model.apply(variables, x, features=True)
+  want_probs = jax.nn.softmax(model.apply(variables, x))
+  assert features.shape == (37, 8) and probs.shape == (37, 10)
+  np.testing.assert_allclose(features, want_features, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(probs, want_probs, rtol=1e-4, atol=1e-6)
+  # Any two images' features differ by over 5x the tolerance (features are
+  # under 1): a misordered row would show.
+  assert np.max(np.abs(want_features)) < 1
+  distance = np.abs(want_features[:, None] - want_features[None]).max(-1)
+  assert np.min(distance + np.diag(np.full(37, np.inf))) > 5e-4
 
 
 def test_shipped_feature_network_loads_and_classifies():
