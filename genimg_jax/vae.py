@@ -391,13 +391,10 @@ def make_evaluator(config, mesh, eval_source, workdir):
   source = data.ArraySource(images, all_examples["label"])
   repl, batch_sharding = (parallel.replicated(mesh),
                           parallel.data_sharding(mesh))
-  bound_step = functools.partial(eval_step, settings=settings,
-                                 iw_samples=config.vae.iw_samples)
-  # (state, batch, the evaluation's rng, batch index i): batch i draws its z
-  # from fold_in(rng, i).
   step_fn = jax.jit(
-      lambda s, b, rng, i: bound_step(s, b, jax.random.fold_in(rng, i)),
-      in_shardings=(repl, batch_sharding, repl, repl), out_shardings=repl)
+      functools.partial(eval_step, settings=settings,
+                        iw_samples=config.vae.iw_samples),
+      in_shardings=(repl, batch_sharding, repl), out_shardings=repl)
   eval_key = jax.random.key(config.seed + 7)
   model = make_model(config)
   dims = math.prod(config.data.image_shape)
@@ -432,13 +429,13 @@ def make_evaluator(config, mesh, eval_source, workdir):
   sample_dir = os.path.join(workdir, "samples")
 
   def evaluator(state, step):
-    # The z draws are folded with the step (and each batch's index): other
-    # noise at every evaluation, the same numbers in a resumed run.
-    eval_rng = parallel.replicate(jax.random.fold_in(eval_key, step), mesh)
-    batch_index = itertools.count()
-    sums = data.sum_over_split(
-        lambda s, b: step_fn(s, b, eval_rng, next(batch_index)), state, source,
-        config.eval_batch_size, mesh)
+    # Batch i draws its z from fold_in(fold_in(key, step), i): other noise at
+    # every evaluation and in every batch, the same numbers in a resumed run.
+    step_key = jax.random.fold_in(eval_key, step)
+    batch_rngs = (parallel.replicate(jax.random.fold_in(step_key, i), mesh)
+                  for i in itertools.count())
+    sums = data.sum_over_split(lambda s, b: step_fn(s, b, next(batch_rngs)),
+                               state, source, config.eval_batch_size, mesh)
     count = sums.pop("count")
     metrics = {k: float(v / count) for k, v in sums.items()}
     metrics["bits_per_dim"] = metrics["nelbo"] / (dims * math.log(2))

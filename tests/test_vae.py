@@ -84,9 +84,9 @@ def test_dynamic_binarization_draws_fresh_pixels():
 TINY_SHAPE = (4, 4, 1)
 
 
-def _tiny_vae_state(tx=None, seed=0):
+def _tiny_vae_state(tx=None):
   model = vae.VAE("mlp", 3, TINY_SHAPE, "bernoulli", hidden=8)
-  params = model.init(jax.random.key(seed), jnp.zeros((1, *TINY_SHAPE)),
+  params = model.init(jax.random.key(0), jnp.zeros((1, *TINY_SHAPE)),
                       jax.random.key(1))["params"]
   return classifier.TrainState.create(apply_fn=model.apply, params=params,
                                       batch_stats={},
@@ -129,27 +129,32 @@ def _np_kl(mean, logvar):
   return 0.5 * np.sum(np.exp(logvar) + mean ** 2 - 1 - logvar, axis=-1)
 
 
-def _np_elbo_terms(params, images, eps_BZ):
-  """(log p(x|z), KL) [B] in float64 for z = mean + exp(lv / 2) * eps."""
+def _np_sample(params, images, eps):
+  """(x [B, D], mean, logvar [B, Z], z = mean + exp(logvar / 2) * eps)."""
   x = images.reshape(len(images), -1) / 255.0
   mean, logvar = _np_encode(params, x)
-  z = mean + np.exp(0.5 * logvar) * np.asarray(eps_BZ, np.float64)
+  return x, mean, logvar, mean + np.exp(0.5 * logvar) * np.asarray(
+      eps, np.float64)
+
+
+def _np_elbo_terms(params, images, eps_BZ):
+  """(log p(x|z), closed-form KL) [B] in float64."""
+  x, mean, logvar, z = _np_sample(params, images, eps_BZ)
   return _np_bernoulli(x, _np_decode(params, z)), _np_kl(mean, logvar)
 
 
 def _np_log_weights(params, images, eps_KBZ):
-  """log p(x|z) + log p(z) - log q(z|x) [K, B] in float64 for each eps."""
-  x = images.reshape(len(images), -1) / 255.0
-  mean, logvar = _np_encode(params, x)
-  z = mean + np.exp(0.5 * logvar) * np.asarray(eps_KBZ, np.float64)
+  """log p(x|z) + log p(z) - log q(z|x) [K, B] in float64, one per eps."""
+  x, mean, logvar, z = _np_sample(params, images, eps_KBZ)
   return (_np_bernoulli(x, _np_decode(params, z)) +
           _np_normal(z, 0.0, np.zeros_like(z)) - _np_normal(z, mean, logvar))
 
 
 def _linear_gaussian(num=4096, noise=0.5):
   """z ~ N(0, I_2), x | z ~ N(W z + b, noise^2 I_3) with orthogonal columns
-  of W, so the exact posterior is diagonal. Returns (log_px_fn for the
-  bound, x [B, 3], exact log p(x) [B], posterior mean, posterior logvar)."""
+  of W, so the exact posterior is diagonal. Returns (log p(x|z) [k, B] as a
+  function of z [k, B, 2], exact log p(x) [B], posterior mean and logvar
+  [B, 2]), x being `num` draws from the model."""
   rng = np.random.default_rng(0)
   w = np.linalg.qr(rng.normal(size=(3, 2)))[0] * np.array([1.5, 0.7])
   b = np.array([0.1, -0.2, 0.3])
@@ -298,10 +303,10 @@ def test_vae_train_and_evaluate(idx_dir, tmp_path):
   zero = state.replace(params=jax.tree.map(jnp.zeros_like, state.params))
   exact = evaluator(zero, 6)
   for name in ("nelbo", "recon", "iw_nll"):
-    assert exact[name] == pytest.approx(784 * math.log(2), rel=1e-6), name
+    assert exact[name] == pytest.approx(784 * math.log(2), rel=1e-4), name
   assert exact["kl"] == 0.0
-  assert exact["bits_per_dim"] == pytest.approx(1.0, rel=1e-6)
-  assert exact["iw_bits_per_dim"] == pytest.approx(1.0, rel=1e-6)
+  assert exact["bits_per_dim"] == pytest.approx(1.0, rel=1e-4)
+  assert exact["iw_bits_per_dim"] == pytest.approx(1.0, rel=1e-4)
 
 
 @pytest.mark.parametrize("overrides", [
