@@ -14,6 +14,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from genimg_jax import config as config_lib
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used for this run, with what to do."""
@@ -41,12 +43,15 @@ class Checkpointer:
       return None
     meta = self.manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta.get("fingerprint") != self.fingerprint:
+    changed = config_lib.fingerprint_mismatches(meta.get("fingerprint") or {},
+                                                self.fingerprint)
+    if changed:
       raise CheckpointError(
           f"The checkpoint at step {step} in {self.directory} is of a "
-          f"different model:\n  saved: {meta.get('fingerprint')}\n  config: "
-          f"{self.fingerprint}\nUse a new --workdir, or delete that directory "
-          "to start afresh.")
+          "different experiment; these fields differ (checkpoint -> "
+          "config):\n  " + "\n  ".join(changed) + "\nResume with the "
+          "checkpoint's values, or use a new --workdir (run length, "
+          "evaluation, logging and data location may change on resume).")
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target_state)))

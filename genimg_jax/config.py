@@ -8,6 +8,7 @@ by the field they replace, and an unknown key fails at once with the valid keys.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import importlib.util
 import os
@@ -80,6 +81,10 @@ def _parse_value(text: str, old_value):
     if lowered in ("false", "0", "no"):
       return False
     raise ValueError(f"expected a boolean (true/false), got {text!r}")
+  if text.strip().lower() in ("true", "false"):
+    # Not a number, although bool is an int subclass (True would be 1).
+    raise ValueError(f"expected {type(old_value).__name__}, got the boolean "
+                     f"{text!r}")
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -102,7 +107,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
   Raises ConfigError naming the valid keys when a key does not exist, and the
   expected type when a value does not parse as the field's type.
   """
-  config = ml_collections.ConfigDict(config)  # A copy; keeps field types.
+  config = copy.deepcopy(config)  # Nested fields too; keeps field types.
   valid = flat_keys(config)
   for override in overrides:
     if "=" not in override:
@@ -124,8 +129,46 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
+# Fields a resumed run may change: run length, evaluation, logging,
+# checkpointing, the device count and where the data lives. Every other field
+# defines the experiment (family, model, losses, optimizers, data set, batch,
+# seed) and must match the checkpoint's.
+RESUMABLE_FIELDS = frozenset({
+    "num_steps", "num_epochs", "eval_every", "eval_samples",
+    "eval_batch_size", "feature_network", "log_every", "checkpoint_every",
+    "keep_checkpoints", "mesh.num_devices", "data.idx_dir",
+    "data.tfds_data_dir", "data.download", "data.in_memory",
+    "data.eval_split", "vae.iw_samples", "gan.skip_nonfinite",
+})
+
+
+def _flat_values(config, prefix: str = "") -> dict:
+  flat = {}
+  for name, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      flat.update(_flat_values(value, f"{prefix}{name}."))
+    else:
+      flat[prefix + name] = value
+  return flat
+
+
 def model_fingerprint(config: ml_collections.ConfigDict) -> dict:
-  """The config fields that fix the shapes of the state: checked on restore."""
-  fingerprint = {"family": config.family, "model": config.model.to_dict(),
-                 "image_shape": config.data.image_shape}
+  """The fields that define the experiment, {dotted key: value}: saved with
+  every checkpoint and checked on resume (see `fingerprint_mismatches`)."""
+  fingerprint = {k: v for k, v in _flat_values(config).items()
+                 if k not in RESUMABLE_FIELDS}
   return json.loads(json.dumps(fingerprint))  # Tuples -> lists, as saved.
+
+
+def fingerprint_mismatches(saved: dict, current: dict) -> list[str]:
+  """"key: saved -> current" for every experiment-defining field that
+  differs. Fields only one side has are skipped (fields added by a later
+  version); a fingerprint of the older {family, model, image_shape} form is
+  read as those fields."""
+  if isinstance(saved.get("model"), dict):  # Checkpoints of older versions.
+    saved = {"family": saved.get("family"),
+             "data.image_shape": saved.get("image_shape"),
+             **{f"model.{k}": v for k, v in saved["model"].items()}}
+  return [f"{key}: {saved[key]!r} -> {current[key]!r}"
+          for key in sorted(saved.keys() & current.keys())
+          if saved[key] != current[key]]

@@ -40,6 +40,7 @@ class Generator(nn.Module):
   image_shape: tuple[int, int, int] = (28, 28, 1)
   num_classes: int = 0
   dtype: Any = jnp.float32
+  bn_momentum: float = 0.9  # 0.0: running stats := this batch's (standing).
 
   @nn.compact
   def __call__(self, z_BZ, labels_B=None, train: bool = True):
@@ -48,7 +49,7 @@ class Generator(nn.Module):
       raise ValueError(f"The DCGAN generator makes 28x28, 32x32 or 64x64 "
                        f"images, not {h}x{w}.")
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, dtype=self.dtype)
+                             momentum=self.bn_momentum, dtype=self.dtype)
     act = functools.partial(nn.leaky_relu, negative_slope=0.3)
     x = z_BZ.astype(self.dtype)
     if self.num_classes:
@@ -79,9 +80,10 @@ class Discriminator(nn.Module):
   """DCGAN discriminator: Conv(64, 4x4, s2) and Conv(128, 4x4, s2), each
   LeakyReLU(0.2)-Dropout, then Dense(1) logits [B].
 
-  `spectral_norm`: every layer wrapped in `nn.SpectralNorm` (power-iteration
-  vectors in "batch_stats"). `num_classes > 0`: a projection discriminator
-  (logit += <embed(y), features>).
+  `spectral_norm`: every layer, the class embedding included, wrapped in
+  `nn.SpectralNorm` (power-iteration vectors in "batch_stats"; updated only
+  when `train and update_stats`). `num_classes > 0`: a projection
+  discriminator (logit += <embed(y), features>).
   """
   num_classes: int = 0
   dropout_rate: float = 0.3
@@ -105,8 +107,8 @@ class Discriminator(nn.Module):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     h = x.reshape(x.shape[0], -1)
     logits = layer(nn.Dense(1, dtype=self.dtype), h)[:, 0]
-    if self.num_classes:
-      embedding = nn.Embed(self.num_classes, h.shape[-1])(labels_B)
+    if self.num_classes:  # Spectrally normalised too (Miyato & Koyama).
+      embedding = layer(nn.Embed(self.num_classes, h.shape[-1]), labels_B)
       logits = logits + jnp.sum(embedding * h, axis=-1)
     return logits.astype(jnp.float32)
 
@@ -190,8 +192,8 @@ def make_models(config) -> tuple[Generator, Discriminator]:
 
 
 def create_train_state(config, rng: jax.Array, num_steps: int) -> GANState:
-  """Fresh GAN state. rng: both networks' initial parameters."""
-  del num_steps  # GANs here use constant learning rates.
+  """Fresh GAN state. rng: both networks' initial parameters. num_steps:
+  the run's length, for learning-rate schedules that decay over it."""
   generator, discriminator = make_models(config)
   g_rng, d_rng = jax.random.split(rng)
   z = jnp.zeros((2, config.gan.z_dim))
@@ -205,7 +207,7 @@ def create_train_state(config, rng: jax.Array, num_steps: int) -> GANState:
     return classifier.TrainState.create(
         apply_fn=module.apply, params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
-        tx=optim.make_optimizer(opt, 0))
+        tx=optim.make_optimizer(opt, num_steps))
 
   g = make(generator, g_vars, config.optimizer.generator)
   return GANState(step=jnp.zeros((), jnp.int32), g=g,
@@ -213,10 +215,39 @@ def create_train_state(config, rng: jax.Array, num_steps: int) -> GANState:
                   ema_params=g.params)
 
 
-def generate(g: classifier.TrainState, params, z_BZ, labels_B) -> jax.Array:
-  """Images in [-1, 1] [B, H, W, C] from the generator in inference mode."""
-  return g.apply_fn({"params": params, "batch_stats": g.batch_stats}, z_BZ,
-                    labels_B, train=False)
+def generate(g: classifier.TrainState, params, z_BZ, labels_B,
+             batch_stats=None) -> jax.Array:
+  """Images in [-1, 1] [B, H, W, C] from the generator in inference mode.
+
+  batch_stats: the BatchNorm statistics to use (default: the raw
+  generator's running averages, which belong to `g.params` only).
+  """
+  stats = g.batch_stats if batch_stats is None else batch_stats
+  return g.apply_fn({"params": params, "batch_stats": stats}, z_BZ, labels_B,
+                    train=False)
+
+
+def standing_batch_stats(generator: Generator, params, batch_stats, z_NBZ,
+                         labels_NB) -> Any:
+  """BatchNorm statistics that belong to `params` (BigGAN's "standing
+  statistics"): the mean over N batches of each BatchNorm layer's batch mean
+  and variance, with the generator in training mode.
+
+  The EMA generator's weights never ran in training mode, so the raw
+  generator's running statistics do not describe its activations.
+  batch_stats: any statistics of the right structure (their values are not
+  used). z: [N, B, Z] noise; labels: int32 [N, B] (ignored if unconditional).
+  """
+  standing = generator.clone(bn_momentum=0.0)  # Running stats := batch's.
+
+  def one_batch(_, z_and_labels):
+    z, labels = z_and_labels
+    _, new = standing.apply({"params": params, "batch_stats": batch_stats},
+                            z, labels, train=True, mutable=["batch_stats"])
+    return None, new["batch_stats"]
+
+  _, stats = jax.lax.scan(one_batch, None, (z_NBZ, labels_NB))
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), stats)
 
 
 def _noise(rng, shape, settings: Settings) -> jax.Array:
@@ -231,69 +262,87 @@ def _where_finite(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def critic_batches(x_B, n_critic: int) -> jax.Array:
+  """[B, ...] -> [n_critic, B / n_critic, ...]: part i is rows i, i + n,
+  i + 2n, ..., so with the batch sharded on "data" every part stays spread
+  over all devices (a contiguous slice would live on a subset of them)."""
+  x = x_B.reshape(x_B.shape[0] // n_critic, n_critic, *x_B.shape[1:])
+  return jnp.swapaxes(x, 0, 1)
+
+
 def train_step(state: GANState, batch: dict, rng: jax.Array, *,
                settings: Settings) -> tuple[GANState, dict]:
   """n_critic discriminator updates, one generator update, the EMA update.
 
   batch: image uint8 [B, H, W, C], label int32 [B]. With n_critic > 1 the
-  real batch is split into n_critic equal parts, one per critic update, and
-  the generator update uses B / n_critic samples.
-  rng: folded with state.step, then per update into z, dropout and GP keys.
+  real batch is split into n_critic parts of B / n_critic (see
+  `critic_batches`), one per critic update, run in a `lax.scan`; the
+  generator update uses B / n_critic samples. Discriminator metrics are
+  means over the critic updates.
+  rng: folded with state.step, then per update into z, dropout (one mask for
+  the real pass, another for the fake pass) and gradient-penalty keys.
   """
   rng = jax.random.fold_in(rng, state.step)
-  real_all = classifier.to_float(batch["image"]) * 2.0 - 1.0
-  labels_all = batch["label"] if settings.conditional else None
+  real_parts = critic_batches(
+      classifier.to_float(batch["image"]) * 2.0 - 1.0, settings.n_critic)
+  label_parts = critic_batches(batch["label"], settings.n_critic)
   kind = settings.loss
-  g, d = state.g, state.d
-  chunk = real_all.shape[0] // settings.n_critic
+  g = state.g
+  chunk = real_parts.shape[1]
+  cond = lambda labels: labels if settings.conditional else None
 
   def g_apply(params, z, labels, batch_stats):
     return g.apply_fn({"params": params, "batch_stats": batch_stats}, z,
-                      labels, train=True, mutable=["batch_stats"])
+                      cond(labels), train=True, mutable=["batch_stats"])
 
-  def d_apply(params, batch_stats, images, labels, dropout_rng, update_stats):
+  def d_apply(d, params, batch_stats, images, labels, dropout_rng,
+              update_stats):
     return d.apply_fn({"params": params, "batch_stats": batch_stats}, images,
-                      labels, train=True, update_stats=update_stats,
+                      cond(labels), train=True, update_stats=update_stats,
                       rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
 
-  metrics = {}
-  for i in range(settings.n_critic):
-    z_rng, drop_rng, gp_rng = jax.random.split(jax.random.fold_in(rng, i), 3)
-    real = real_all[i * chunk:(i + 1) * chunk]
-    labels = None if labels_all is None else labels_all[i * chunk:
-                                                        (i + 1) * chunk]
+  def critic_update(d, inputs):
+    real, labels, key = inputs
+    z_rng, drop_real, drop_fake, drop_gp, gp_rng = jax.random.split(key, 5)
     z = _noise(z_rng, (chunk, settings.z_dim), settings)
     fake = jax.lax.stop_gradient(g_apply(g.params, z, labels,
                                          g.batch_stats)[0])
 
     def d_loss_fn(params):
-      real_logits, stats = d_apply(params, d.batch_stats, real, labels,
-                                   drop_rng, True)
-      fake_logits, stats = d_apply(params, stats["batch_stats"], fake, labels,
-                                   drop_rng, True)
+      real_logits, stats = d_apply(d, params, d.batch_stats, real, labels,
+                                   drop_real, True)
+      fake_logits, stats = d_apply(d, params, stats["batch_stats"], fake,
+                                   labels, drop_fake, True)
       loss = jnp.mean(discriminator_loss(kind, real_logits, fake_logits))
       gp = jnp.zeros(())
       if kind == "wgan_gp":
         gp = gradient_penalty(
-            lambda x: d_apply(params, stats["batch_stats"], x, labels,
-                              drop_rng, False)[0], real, fake, gp_rng)
+            lambda x: d_apply(d, params, stats["batch_stats"], x, labels,
+                              drop_gp, False)[0], real, fake, gp_rng)
         loss = loss + settings.gp_weight * gp
       return loss, (stats["batch_stats"], real_logits, fake_logits, gp)
 
     (d_loss, (d_stats, real_logits, fake_logits, gp)), d_grads = (
         jax.value_and_grad(d_loss_fn, has_aux=True)(d.params))
     d = d.apply_gradients(grads=d_grads, batch_stats=d_stats)
-    metrics = {"d_loss": d_loss, "d_real": jnp.mean(real_logits),
-               "d_fake": jnp.mean(fake_logits), "gp": gp}
+    return d, {"d_loss": d_loss, "d_real": jnp.mean(real_logits),
+               "d_fake": jnp.mean(fake_logits), "gp": gp,
+               "d_grad_norm": optax.tree.norm(d_grads)}
+
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
+      jnp.arange(settings.n_critic))
+  d, critic_metrics = jax.lax.scan(critic_update, state.d,
+                                   (real_parts, label_parts, keys))
+  metrics = jax.tree.map(jnp.mean, critic_metrics)
 
   # The generator update uses one part's worth of examples (and its labels).
   z_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, settings.n_critic))
   z = _noise(z_rng, (chunk, settings.z_dim), settings)
-  g_labels = None if labels_all is None else labels_all[:chunk]
+  g_labels = label_parts[0]
 
   def g_loss_fn(params):
     fake, g_stats = g_apply(params, z, g_labels, g.batch_stats)
-    fake_logits, _ = d_apply(d.params, d.batch_stats, fake, g_labels,
+    fake_logits, _ = d_apply(d, d.params, d.batch_stats, fake, g_labels,
                              drop_rng, False)
     return jnp.mean(generator_loss(kind, fake_logits)), g_stats["batch_stats"]
 
@@ -301,12 +350,12 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
       g.params)
   g = g.apply_gradients(grads=g_grads, batch_stats=g_stats)
   # EMA with a warm-up so early samples are not dominated by the init.
-  decay = jnp.minimum(settings.ema_decay,
-                      (1.0 + state.step) / (10.0 + state.step))
+  decay = ema_decay_at(state.step, settings.ema_decay)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                      state.ema_params, g.params)
   metrics.update(g_loss=g_loss, g_grad_norm=optax.tree.norm(g_grads),
-                 d_grad_norm=optax.tree.norm(d_grads))
+                 g_param_norm=optax.tree.norm(g.params),
+                 d_param_norm=optax.tree.norm(d.params))
   new_state = state.replace(step=state.step + 1, g=g, d=d, ema_params=ema)
   if settings.skip_nonfinite:
     ok = jnp.all(jnp.array([jnp.isfinite(v) for v in jax.tree.leaves(
@@ -316,6 +365,12 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
     metrics = {k: jnp.where(ok, v, 0.0) for k, v in metrics.items()}
     metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
   return new_state, metrics
+
+
+def ema_decay_at(step, ema_decay: float) -> jax.Array:
+  """The EMA decay used by the update at `step` (0-based): min(ema_decay,
+  (1 + step) / (10 + step)), a warm-up so the initial weights fade fast."""
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
 def bind_train_step(config, mesh=None):
@@ -337,15 +392,42 @@ def bind_train_step(config, mesh=None):
 def make_sampler(mesh):
   """jit of generate(): z [N, Z] and labels [N] sharded on "data"."""
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(lambda g, params, z, labels: generate(g, params, z, labels),
-                 in_shardings=(repl, repl, batch, batch), out_shardings=batch)
+  return jax.jit(generate, in_shardings=(repl, repl, batch, batch, repl),
+                 out_shardings=batch)
+
+
+def make_ema_batch_stats(config, mesh, num_batches: int = 8,
+                         batch_size: int = 256):
+  """jit of (state, rng) -> standing BatchNorm statistics of the EMA
+  generator over num_batches x batch_size fresh noise vectors (uniform labels
+  for conditional models), each batch sharded over the mesh.
+  rng: draws the noise and labels."""
+  generator, _ = make_models(config)
+  settings = settings_from_config(config)
+  num_classes = max(config.data.num_classes, 1)
+  spread = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+  batch_size = max(batch_size - batch_size % mesh.devices.size,
+                   mesh.devices.size)
+
+  def ema_batch_stats(state: GANState, rng):
+    z_rng, label_rng = jax.random.split(rng)
+    z = jax.lax.with_sharding_constraint(jax.random.normal(
+        z_rng, (num_batches, batch_size, settings.z_dim)), spread)
+    labels = jax.lax.with_sharding_constraint(jax.random.randint(
+        label_rng, (num_batches, batch_size), 0, num_classes), spread)
+    return standing_batch_stats(generator, state.ema_params,
+                                state.g.batch_stats, z, labels)
+  return jax.jit(ema_batch_stats, out_shardings=parallel.replicated(mesh))
 
 
 def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
-                 batch_size: int = 512):
-  """uint8 images [N, H, W, C] from the EMA generator, in sharded batches."""
+                 batch_stats, batch_size: int = 512):
+  """uint8 images [N, H, W, C] from the EMA generator with `batch_stats`
+  (from `make_ema_batch_stats`), in sharded batches."""
   images = parallel.map_batches(
-      lambda z, labels: sampler(state.g, state.ema_params, z, labels),
+      lambda z, labels: sampler(state.g, state.ema_params, z, labels,
+                                batch_stats),
       (z_NZ, labels_N), mesh, batch_size)
   return images_lib.to_uint8(images)
 
@@ -353,13 +435,17 @@ def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
 def make_evaluator(config, mesh, eval_source, workdir):
   """evaluator(state, step) -> {"fid", "score"}; writes PNG grids.
 
+  Samples come from the EMA generator with its own standing BatchNorm
+  statistics, recomputed at every evaluation (`make_ema_batch_stats`).
   Every evaluation writes samples/step_N.png (64 samples from fixed noise),
   samples/interp_N.png (latent interpolations) and, for conditional models,
   samples/classes_N.png (one row per class). FID and score use
   config.eval_samples samples against all of eval_source (0: none).
+  Every process runs every sampling call; only process 0 writes files.
   """
   settings = settings_from_config(config)
   sampler = make_sampler(mesh)
+  ema_batch_stats = make_ema_batch_stats(config, mesh)
   num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
   fixed_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                          (64, settings.z_dim)))
@@ -371,26 +457,28 @@ def make_evaluator(config, mesh, eval_source, workdir):
   class_labels = np.repeat(np.arange(num_classes, dtype=np.int32), 10)
   metric = quality.metrics_for_config(config, mesh, eval_source)
   sample_dir = os.path.join(workdir, "samples")
+  stats_key = jax.random.key(config.seed + 4)
 
   def evaluator(state, step):
-    write = jax.process_index() == 0
-    grid = sample_uint8(sampler, state, fixed_z, fixed_labels, mesh)
-    interp = sample_uint8(sampler, state, interp_z,
-                          np.repeat(fixed_labels[:8], 10), mesh)
-    if write:
-      images_lib.save_grid(os.path.join(sample_dir, f"step_{step:06d}.png"),
-                           grid, 8)
-      images_lib.save_grid(os.path.join(sample_dir, f"interp_{step:06d}.png"),
-                           interp, 10)
-      if settings.conditional:
+    stats = ema_batch_stats(state, parallel.replicate(
+        jax.random.fold_in(stats_key, step), mesh))
+    sample = lambda z, labels: sample_uint8(sampler, state, z, labels, mesh,
+                                            stats)
+    grids = {"step": (sample(fixed_z, fixed_labels), 8),
+             "interp": (sample(interp_z, np.repeat(fixed_labels[:8], 10)),
+                        10)}
+    if settings.conditional:
+      grids["classes"] = (sample(class_z, class_labels), 10)
+    if jax.process_index() == 0:
+      for name, (images, columns) in grids.items():
         images_lib.save_grid(
-            os.path.join(sample_dir, f"classes_{step:06d}.png"),
-            sample_uint8(sampler, state, class_z, class_labels, mesh), 10)
+            os.path.join(sample_dir, f"{name}_{step:06d}.png"), images,
+            columns)
     if metric is None:
       return {}
     rng = jax.random.fold_in(jax.random.key(config.seed + 3), step)
     z = np.asarray(jax.random.normal(rng, (config.eval_samples,
                                            settings.z_dim)))
     labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
-    return metric(sample_uint8(sampler, state, z, labels, mesh))
+    return metric(sample(z, labels))
   return evaluator

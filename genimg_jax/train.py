@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -26,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from genimg_jax import checkpoint, classifier, config as config_lib, data, gan
-from genimg_jax import metrics_writer, parallel, vae
+from genimg_jax import metrics_writer, parallel, preemption as preemption_lib
+from genimg_jax import vae
 
 FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae}
 
@@ -70,28 +70,6 @@ def check_finite(step: int, metrics: dict) -> None:
           f"Training diverged: metric {name!r} is {float(value)} at step "
           f"{step}. The last good checkpoint is kept; lower the learning "
           "rate or check the data.")
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks (save, then exit cleanly)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -145,7 +123,8 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     return metrics
 
   try:
-    with _Preemption() as preemption:
+    with preemption_lib.Preemption(ckpt.manager.reached_preemption) as (
+        preemption):
       batches = data.train_batches(train_source, config.batch_size,
                                    config.seed, start_step, num_steps, mesh)
       for step, batch in batches:
@@ -159,7 +138,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
         progress.update(1)
         window_steps += 1
         done = step + 1
-        stopping = (preemption.requested or done == stop_at_step)
+        stopping = preemption.requested(done) or done == stop_at_step
         if done % config.log_every == 0:
           jax.block_until_ready(state.step)
           seconds = time.perf_counter() - window_start

@@ -1,0 +1,223 @@
+"""Two processes (jax.distributed on CPU, gloo) train, resume and evaluate
+every family exactly as one process with the same global batch does; SIGTERM
+to one host stops both at the same step."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genimg_jax import data
+from conftest import REPO
+
+GENIMG = os.path.join(os.path.dirname(sys.executable), "genimg")
+
+# experiment -> overrides: tiny, constant learning rates (a run resumed with
+# a longer num_steps then follows the same schedule), the full evaluation.
+FAMILIES = {
+    "cnn": ("cnn.py", ["--config.optimizer.schedule=constant"]),
+    "dcgan": ("dcgan.py", ["--config.eval_samples=64"]),
+    "cgan": ("cgan.py", ["--config.eval_samples=64"]),
+    "wgan_gp": ("wgan_gp.py", ["--config.eval_samples=64",
+                               "--config.batch_size=32"]),
+    "vae_conv": ("vae_conv.py", ["--config.optimizer.schedule=constant",
+                                 "--config.vae.iw_samples=2",
+                                 "--config.eval_samples=64"]),
+    "vae_cond": ("vae_cond.py", ["--config.optimizer.schedule=constant",
+                                 "--config.vae.iw_samples=2",
+                                 "--config.eval_samples=64"]),
+}
+
+
+def _base_env():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _command(experiment, workdir, idx_dir, steps, extra=()):
+  return [GENIMG, "train", "--config",
+          os.path.join(REPO, "experiments", experiment), "--workdir", workdir,
+          f"--config.data.idx_dir={idx_dir}", "--config.batch_size=16",
+          "--config.eval_batch_size=16", f"--config.num_steps={steps}",
+          "--config.checkpoint_every=2", "--config.log_every=1",
+          *extra]
+
+
+def run_one_process(command, timeout=300):
+  """The command on one process with 4 CPU devices."""
+  out = subprocess.run(
+      command, capture_output=True, text=True, timeout=timeout,
+      env={**_base_env(),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def start_two_processes(command):
+  """The command on two processes with 2 CPU devices each."""
+  port = _free_port()
+  return [subprocess.Popen(
+      command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**_base_env(),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+          for i in range(2)]
+
+
+def finish(procs, timeout=300):
+  """stderr of each process; fails on a non-zero exit or a timeout."""
+  errs = []
+  for proc in procs:
+    try:
+      _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise AssertionError("a process hung: " + proc.communicate()[1][-3000:])
+    assert proc.returncode == 0, err[-3000:]
+    errs.append(err)
+  return errs
+
+
+def _eval_json(workdir):
+  with open(os.path.join(workdir, "eval.json")) as f:
+    return json.load(f)
+
+
+def _train_losses(workdir):
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if record["split"] == "train":
+        losses[record["step"]] = {k: v for k, v in record.items()
+                                  if "loss" in k}
+  return losses
+
+
+def _assert_close(a: dict, b: dict, rel=1e-3, abs_=1e-5):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    if isinstance(a[k], dict):
+      _assert_close(a[k], b[k], rel, abs_)
+    else:
+      assert b[k] == pytest.approx(a[k], rel=rel, abs=abs_), k
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_two_processes_train_resume_and_evaluate_like_one(
+    tmp_path, idx_dir, family):
+  """One process runs 4 steps; two processes run 2 steps (evaluate, save),
+  then resume to 4 (evaluate). Same losses, metrics and sample grids."""
+  experiment, extra = FAMILIES[family]
+  single = str(tmp_path / "single")
+  run_one_process(_command(experiment, single, idx_dir, 4, extra))
+  multi = str(tmp_path / "multi")
+  finish(start_two_processes(_command(experiment, multi, idx_dir, 2, extra)))
+  assert _eval_json(multi)["step"] == 2
+  finish(start_two_processes(_command(experiment, multi, idx_dir, 4, extra)))
+
+  want, got = _eval_json(single), _eval_json(multi)
+  assert got["step"] == want["step"] == 4
+  _assert_close(want, got)
+  _assert_close(_train_losses(single), _train_losses(multi))
+  if family == "cnn":
+    return  # No samples.
+  grids = sorted(n for n in os.listdir(os.path.join(single, "samples"))
+                 if "000004" in n)
+  assert grids and grids == sorted(
+      n for n in os.listdir(os.path.join(multi, "samples")) if "000004" in n)
+  for name in grids:
+    a, b = (np.asarray(Image.open(os.path.join(w, "samples", name)),
+                       np.float32) for w in (single, multi))
+    assert np.mean(np.abs(a - b)) < 0.5, name  # uint8: rounding at most.
+
+
+def test_full_test_split_evaluation_does_not_hang(tmp_path):
+  """The classifier's evaluation over 10,000 images in 625 batches: with
+  independent evaluation steps in flight at once, the two processes'
+  cross-process reductions could interleave differently and hang."""
+  if not os.path.isdir(data.DEBIAN_FASHION_MNIST):
+    pytest.skip("needs the dataset-fashion-mnist package")
+  command = [GENIMG, "train", "--config",
+             os.path.join(REPO, "experiments", "cnn.py"), "--workdir",
+             str(tmp_path / "run"), "--config.batch_size=16",
+             "--config.eval_batch_size=16", "--config.num_steps=2"]
+  finish(start_two_processes(command), timeout=600)
+  metrics = _eval_json(str(tmp_path / "run"))
+  assert metrics["step"] == 2 and 0.0 < metrics["accuracy"] <= 1.0
+
+
+def _wait_for(path, proc, timeout=300):
+  deadline = time.time() + timeout
+  while not os.path.exists(path):
+    if proc.poll() is not None:
+      raise AssertionError("ended early: " + proc.communicate()[1][-3000:])
+    if time.time() > deadline:
+      raise AssertionError(f"{path} did not appear")
+    time.sleep(0.1)
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, idx_dir):
+  workdir = str(tmp_path / "run")
+  command = _command("cnn.py", workdir, idx_dir, 400,
+                     ["--config.optimizer.schedule=constant",
+                      "--config.checkpoint_every=1000"])
+  procs = start_two_processes(command)
+  _wait_for(os.path.join(workdir, "metrics.jsonl"), procs[0])
+  time.sleep(2)  # A few steps in.
+  procs[1].send_signal(signal.SIGTERM)
+  errs = finish(procs)
+  stops = [[line for line in err.splitlines() if "Stopping at step" in line]
+           for err in errs]
+  assert all(len(s) == 1 for s in stops), errs[0][-2000:]
+  step = int(stops[0][0].split("Stopping at step ")[1].split(":")[0])
+  assert stops[0] == stops[1] and 0 < step < 400
+  saved = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
+           if n.isdigit()]
+  assert saved == [step]
+  # The same command resumes from there on both hosts.
+  finish(start_two_processes(_command(
+      "cnn.py", workdir, idx_dir, step + 2,
+      ["--config.optimizer.schedule=constant"])))
+  assert _eval_json(workdir)["step"] == step + 2
+
+
+def test_a_hung_process_dies_after_the_grace_period():
+  """The main thread blocked where Python cannot run a signal handler: the
+  watchdog still ends the process after the grace period, or at once on a
+  second SIGTERM."""
+  code = ("import threading, sys\n"
+          "from genimg_jax import preemption\n"
+          "with preemption.Preemption(grace_s=float(sys.argv[1])):\n"
+          "  print('ready', flush=True)\n"
+          "  threading.Event().wait()\n")
+  for grace, signals in ((3.0, 1), (600.0, 2)):
+    proc = subprocess.Popen([sys.executable, "-c", code, str(grace)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_base_env())
+    assert proc.stdout.readline().strip() == "ready"
+    start = time.time()
+    for _ in range(signals):
+      proc.send_signal(signal.SIGTERM)
+      time.sleep(0.5)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "exiting without a final checkpoint" in err
+    assert time.time() - start < 30
