@@ -262,12 +262,20 @@ def _where_finite(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def critic_batches(x_B, n_critic: int) -> jax.Array:
+def critic_batches(x_B, n_critic: int, sharding=None) -> jax.Array:
   """[B, ...] -> [n_critic, B / n_critic, ...]: part i is rows i, i + n,
   i + 2n, ..., so with the batch sharded on "data" every part stays spread
-  over all devices (a contiguous slice would live on a subset of them)."""
+  over all devices (a contiguous slice would live on a subset of them).
+  sharding: a NamedSharding of the batch; the parts are constrained to it
+  (XLA's propagation alone may replicate them)."""
+  if n_critic == 1:
+    return x_B[None]
   x = x_B.reshape(x_B.shape[0] // n_critic, n_critic, *x_B.shape[1:])
-  return jnp.swapaxes(x, 0, 1)
+  x = jnp.swapaxes(x, 0, 1)
+  if sharding is not None:
+    x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec)))
+  return x
 
 
 def train_step(state: GANState, batch: dict, rng: jax.Array, *,
@@ -284,8 +292,10 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
   """
   rng = jax.random.fold_in(rng, state.step)
   real_parts = critic_batches(
-      classifier.to_float(batch["image"]) * 2.0 - 1.0, settings.n_critic)
-  label_parts = critic_batches(batch["label"], settings.n_critic)
+      classifier.to_float(batch["image"]) * 2.0 - 1.0, settings.n_critic,
+      settings.noise_sharding)
+  label_parts = critic_batches(batch["label"], settings.n_critic,
+                               settings.noise_sharding)
   kind = settings.loss
   g = state.g
   chunk = real_parts.shape[1]
@@ -331,9 +341,13 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
 
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
       jnp.arange(settings.n_critic))
-  d, critic_metrics = jax.lax.scan(critic_update, state.d,
-                                   (real_parts, label_parts, keys))
-  metrics = jax.tree.map(jnp.mean, critic_metrics)
+  if settings.n_critic == 1:  # No loop: XLA fuses across the whole step.
+    d, metrics = critic_update(state.d, (real_parts[0], label_parts[0],
+                                         keys[0]))
+  else:
+    d, critic_metrics = jax.lax.scan(critic_update, state.d,
+                                     (real_parts, label_parts, keys))
+    metrics = jax.tree.map(jnp.mean, critic_metrics)
 
   # The generator update uses one part's worth of examples (and its labels).
   z_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, settings.n_critic))

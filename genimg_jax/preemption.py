@@ -36,8 +36,8 @@ class _SigAction(ctypes.Structure):
 def _native_sigterm_action() -> _SigAction | None:
   """The C-level SIGTERM action installed outside Python (JAX's preemption
   notifier), or None where there is none or it cannot be read."""
-  if not sys.platform.startswith("linux") or signal.getsignal(
-      signal.SIGTERM) is not None:  # None: a handler set outside Python.
+  if not sys.platform.startswith("linux") or callable(
+      signal.getsignal(signal.SIGTERM)):  # Python's own handler is set.
     return None
   try:
     action = _SigAction()
@@ -46,6 +46,7 @@ def _native_sigterm_action() -> _SigAction | None:
       return None
   except (OSError, AttributeError):
     return None
+  # 0 and 1 are SIG_DFL and SIG_IGN: nobody outside Python is listening.
   return action if action.handler not in (None, 0, 1) else None
 
 

@@ -441,25 +441,26 @@ def make_evaluator(config, mesh, eval_source, workdir):
     metrics["bits_per_dim"] = metrics["nelbo"] / (dims * math.log(2))
     if "iw_nll" in metrics:
       metrics["iw_bits_per_dim"] = metrics["iw_nll"] / (dims * math.log(2))
+    # Every process samples (the calls are sharded over all hosts' devices);
+    # only process 0 writes the grids.
+    originals = source.take(np.arange(32))
+    mean, _ = model.apply({"params": state.params},
+                          classifier.to_float(originals["image"]),
+                          originals["label"] if settings.conditional
+                          else None, method="encode")
+    recon = sample_uint8(state.params, parallel.to_host(mean),
+                         originals["label"])
+    grids = {
+        "recon": (np.stack([originals["image"], recon], 1).reshape(
+            -1, *recon.shape[1:]), 8),
+        "prior": (sample_uint8(state.params, prior_z, prior_labels), 8),
+        "interp": (sample_uint8(state.params, interp_z,
+                                np.repeat(prior_labels[:8], 10)), 10)}
     if jax.process_index() == 0:
-      originals = source.take(np.arange(32))
-      mean, _ = model.apply({"params": state.params},
-                            classifier.to_float(originals["image"]),
-                            originals["label"] if settings.conditional
-                            else None, method="encode")
-      recon = sample_uint8(state.params, np.asarray(mean),
-                           originals["label"])
-      pairs = np.stack([originals["image"], recon], 1).reshape(
-          -1, *recon.shape[1:])
-      images_lib.save_grid(os.path.join(sample_dir, f"recon_{step:06d}.png"),
-                           pairs, 8)
-      images_lib.save_grid(
-          os.path.join(sample_dir, f"prior_{step:06d}.png"),
-          sample_uint8(state.params, prior_z, prior_labels), 8)
-      images_lib.save_grid(
-          os.path.join(sample_dir, f"interp_{step:06d}.png"),
-          sample_uint8(state.params, interp_z,
-                       np.repeat(prior_labels[:8], 10)), 10)
+      for name, (images, columns) in grids.items():
+        images_lib.save_grid(
+            os.path.join(sample_dir, f"{name}_{step:06d}.png"), images,
+            columns)
     if metric is not None:
       z = np.asarray(jax.random.normal(
           jax.random.fold_in(jax.random.key(config.seed + 3), step),
