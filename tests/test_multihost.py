@@ -108,7 +108,7 @@ def _train_losses(workdir):
       record = json.loads(line)
       if record["split"] == "train":
         losses[record["step"]] = {k: v for k, v in record.items()
-                                  if "loss" in k}
+                                  if "loss" in k or "grad_norm" in k}
   return losses
 
 
