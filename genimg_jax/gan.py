@@ -284,9 +284,9 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
 
   batch: image uint8 [B, H, W, C], label int32 [B]. With n_critic > 1 the
   real batch is split into n_critic parts of B / n_critic (see
-  `critic_batches`), one per critic update, run in a `lax.scan`; the
-  generator update uses B / n_critic samples. Discriminator metrics are
-  means over the critic updates.
+  `critic_batches`), one per critic update; the generator update uses
+  B / n_critic samples. Discriminator metrics are means over the critic
+  updates.
   rng: folded with state.step, then per update into z, dropout (one mask for
   the real pass, another for the fake pass) and gradient-penalty keys.
   """
@@ -339,15 +339,15 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
                "d_fake": jnp.mean(fake_logits), "gp": gp,
                "d_grad_norm": optax.tree.norm(d_grads)}
 
-  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
-      jnp.arange(settings.n_critic))
-  if settings.n_critic == 1:  # No loop: XLA fuses across the whole step.
-    d, metrics = critic_update(state.d, (real_parts[0], label_parts[0],
-                                         keys[0]))
-  else:
-    d, critic_metrics = jax.lax.scan(critic_update, state.d,
-                                     (real_parts, label_parts, keys))
-    metrics = jax.tree.map(jnp.mean, critic_metrics)
+  # Unrolled (n_critic is small): as a lax.scan the WGAN-GP step (5 x 64)
+  # took 8.5 s on 2 CPU devices against 3.2 s unrolled.
+  d, per_critic = state.d, []
+  for i in range(settings.n_critic):
+    d, critic_metrics = critic_update(d, (real_parts[i], label_parts[i],
+                                          jax.random.fold_in(rng, i)))
+    per_critic.append(critic_metrics)
+  metrics = jax.tree.map(lambda *values: jnp.mean(jnp.stack(values)),
+                         *per_critic)
 
   # The generator update uses one part's worth of examples (and its labels).
   z_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, settings.n_critic))
