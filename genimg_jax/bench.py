@@ -31,7 +31,7 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(
 # Model name -> the experiment config whose train step is timed.
 MODELS = {"cnn": "cnn.py", "resnet": "resnet.py",
           "dcgan": "dcgan.py", "vae": "vae_conv.py",
-          "vae_mlp": "vae_mlp.py"}
+          "vae_mlp": "vae_mlp.py", "ddpm": "ddpm.py", "flow": "flow.py"}
 
 # Published dense peak FLOP/s per device: (substring of device_kind, float32,
 # bfloat16). float32 on GPUs is the non-tensor-core rate.

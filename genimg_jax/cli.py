@@ -3,6 +3,8 @@
   genimg train --config experiments/cnn.py --workdir DIR \
       [--config.batch_size=256 ...]
   genimg eval --workdir DIR
+  genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
+      [--sampler ddim --steps 50 --eta 0 --guidance 1]
   genimg export-features --workdir DIR --output FILE
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
 """
@@ -40,6 +42,25 @@ def _parser():
                      help="checkpoints, logs and samples go here")
   evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint")
   evaluate.add_argument("--workdir", required=True)
+  sample = sub.add_parser(
+      "sample", help="write samples of the latest checkpoint (GAN, VAE, "
+                     "diffusion) as a PNG grid or an .npz of uint8 images")
+  sample.add_argument("--workdir", required=True)
+  sample.add_argument("--num", type=int, default=64)
+  sample.add_argument("--output", required=True,
+                      help="FILE.png: a grid (<= 1,024 images); FILE.npz: "
+                           "uint8 NHWC arr_0 (and labels if conditional)")
+  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--sampler", default=None,
+                      help="diffusion: ddpm or ddim; flow: euler or heun "
+                           "(default: the run's)")
+  sample.add_argument("--steps", type=int, default=None,
+                      help="diffusion: sampler steps (default: the run's)")
+  sample.add_argument("--eta", type=float, default=None,
+                      help="ddim's noise (0: deterministic)")
+  sample.add_argument("--guidance", type=float, default=None,
+                      help="classifier-free guidance scale (conditional "
+                           "diffusion; 1: none)")
   export = sub.add_parser(
       "export-features",
       help="write a trained ResNet classifier as an FID feature network")
@@ -86,6 +107,11 @@ def main(argv=None) -> int:
       _, metrics = train.train_and_evaluate(config, args.workdir)
     elif args.command == "eval":
       metrics = train.evaluate_workdir(args.workdir, overrides)
+    elif args.command == "sample":
+      metrics = train.sample_workdir(
+          args.workdir, args.num, args.output, args.seed, overrides,
+          sampler=args.sampler, steps=args.steps, eta=args.eta,
+          guidance_scale=args.guidance)
     elif args.command == "export-features":
       metrics = train.export_feature_network(args.workdir, args.output)
     else:

@@ -139,6 +139,8 @@ RESUMABLE_FIELDS = frozenset({
     "keep_checkpoints", "mesh.num_devices", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory",
     "data.eval_split", "vae.iw_samples", "gan.skip_nonfinite",
+    "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
+    "diffusion.guidance_scale", "diffusion.clip_denoised",
 })
 
 

@@ -363,7 +363,7 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
       g.params)
   g = g.apply_gradients(grads=g_grads, batch_stats=g_stats)
   # EMA with a warm-up so early samples are not dominated by the init.
-  decay = ema_decay_at(state.step, settings.ema_decay)
+  decay = optim.ema_decay_at(state.step, settings.ema_decay)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                      state.ema_params, g.params)
   metrics.update(g_loss=g_loss, g_grad_norm=optax.tree.norm(g_grads),
@@ -378,12 +378,6 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
     metrics = {k: jnp.where(ok, v, 0.0) for k, v in metrics.items()}
     metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
   return new_state, metrics
-
-
-def ema_decay_at(step, ema_decay: float) -> jax.Array:
-  """The EMA decay used by the update at `step` (0-based): min(ema_decay,
-  (1 + step) / (10 + step)), a warm-up so the initial weights fade fast."""
-  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
 def bind_train_step(config, mesh=None):
@@ -443,6 +437,19 @@ def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
                                 batch_stats),
       (z_NZ, labels_N), mesh, batch_size)
   return images_lib.to_uint8(images)
+
+
+def sample_images(config, mesh, state: GANState, num: int,
+                  seed: int) -> np.ndarray:
+  """`num` uint8 samples [N, H, W, C] of the EMA generator with standing
+  BatchNorm statistics (labels cycle through the classes). seed: the noise
+  and the statistics' noise."""
+  z_rng, stats_rng = jax.random.split(jax.random.key(seed))
+  stats = make_ema_batch_stats(config, mesh)(
+      state, parallel.replicate(stats_rng, mesh))
+  z = np.asarray(jax.random.normal(z_rng, (num, config.gan.z_dim)))
+  labels = np.arange(num, dtype=np.int32) % max(config.data.num_classes, 1)
+  return sample_uint8(make_sampler(mesh), state, z, labels, mesh, stats)
 
 
 def make_evaluator(config, mesh, eval_source, workdir):

@@ -1,7 +1,10 @@
-"""Optimizers from config: optax transformations with a learning-rate schedule."""
+"""Optimizers from config: optax transformations with a learning-rate
+schedule; the warm-up of parameter EMAs."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -21,11 +24,22 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
     raise ValueError(f"Unknown optimizer.schedule {opt_config.schedule!r}; "
                      "use 'constant' or 'cosine'.")
   if opt_config.name == "adam":
-    return optax.adamw(lr, b1=opt_config.b1, b2=opt_config.b2,
-                       weight_decay=opt_config.weight_decay)
-  if opt_config.name == "sgd":
-    return optax.chain(optax.add_decayed_weights(opt_config.weight_decay),
-                       optax.sgd(lr, momentum=opt_config.momentum,
-                                 nesterov=True))
-  raise ValueError(f"Unknown optimizer.name {opt_config.name!r}; use 'adam' "
-                   "or 'sgd'.")
+    tx = optax.adamw(lr, b1=opt_config.b1, b2=opt_config.b2,
+                     weight_decay=opt_config.weight_decay)
+  elif opt_config.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(opt_config.weight_decay),
+                     optax.sgd(lr, momentum=opt_config.momentum,
+                               nesterov=True))
+  else:
+    raise ValueError(f"Unknown optimizer.name {opt_config.name!r}; use "
+                     "'adam' or 'sgd'.")
+  grad_clip = opt_config.get("grad_clip", 0.0)
+  if grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+  return tx
+
+
+def ema_decay_at(step, ema_decay: float) -> jax.Array:
+  """The EMA decay used by the update at `step` (0-based): min(ema_decay,
+  (1 + step) / (10 + step)), a warm-up so the initial weights fade fast."""
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))

@@ -24,11 +24,12 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from genimg_jax import checkpoint, classifier, config as config_lib, data, gan
-from genimg_jax import metrics_writer, parallel, preemption as preemption_lib
-from genimg_jax import vae
+from genimg_jax import checkpoint, classifier, config as config_lib, data
+from genimg_jax import diffusion, gan, metrics_writer, parallel
+from genimg_jax import preemption as preemption_lib, vae
 
-FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae}
+FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae,
+            "diffusion": diffusion}
 
 
 def family_module(config):
@@ -204,6 +205,55 @@ def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
                                                    workdir)
   return {"step": step, **evaluator(state, step)}
+
+
+def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
+                   overrides=(), **sampler_options) -> dict:
+  """Writes `num` samples of the latest checkpoint of a generative `workdir`
+  to `output`: a PNG grid (FILE.png, at most 1,024 images) or uint8 NHWC
+  images as `arr_0` in an .npz (FILE.npz, the layout clean-fid, torch-fidelity
+  and the ADM evaluation suite read; `labels` too, for class-conditional
+  runs). sampler_options (diffusion only): sampler, steps, eta,
+  guidance_scale; None keeps the run's. Every process samples; process 0
+  writes."""
+  if not output.endswith((".png", ".npz")):
+    raise config_lib.ConfigError(
+        f"--output {output!r} must end in .png (a grid) or .npz (arrays).")
+  if num < 1 or (output.endswith(".png") and num > 1024):
+    raise config_lib.ConfigError(
+        f"--num {num}: a PNG grid takes 1 to 1,024 images; write more to an "
+        ".npz file.")
+  config, mesh, state = restore_workdir(workdir, overrides)
+  family = family_module(config)
+  if not hasattr(family, "sample_images"):
+    raise config_lib.ConfigError(
+        f"{workdir!r} trained a {config.family}, which does not generate "
+        "images.")
+  sampler_options = {k: v for k, v in sampler_options.items()
+                     if v is not None}
+  if sampler_options and config.family != "diffusion":
+    raise config_lib.ConfigError(
+        f"--{'/--'.join(sampler_options)} only apply to diffusion runs; "
+        f"{workdir!r} trained a {config.family}.")
+  start = time.perf_counter()
+  images = family.sample_images(config, mesh, state, num, seed,
+                                **sampler_options)
+  seconds = time.perf_counter() - start
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if output.endswith(".png"):
+      from genimg_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+      images_lib.save_grid(output, images, min(num, 10 if
+                                               config.data.num_classes else 8))
+    else:
+      arrays = {"arr_0": images}
+      if config.get(config.family, {}).get("conditional", False):
+        arrays["labels"] = (np.arange(num, dtype=np.int32)
+                            % config.data.num_classes)
+      np.savez(output, **arrays)
+  return {"step": int(jax.device_get(state.step)), "output": output,
+          "num": num, "seconds": round(seconds, 2),
+          "images_per_s": round(num / seconds, 2)}
 
 
 def export_feature_network(workdir: str, output: str) -> dict:

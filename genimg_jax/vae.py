@@ -377,6 +377,43 @@ def binarize_once(images_uint8: np.ndarray, seed: int = 0) -> np.ndarray:
                   0).astype(np.uint8)
 
 
+def make_decoder(config, mesh):
+  """sample_uint8(params, z [N, Z], labels [N]) -> the decoder's mean images
+  as uint8 [N, H, W, C], in sharded batches (labels unused if
+  unconditional)."""
+  settings = settings_from_config(config)
+  model = make_model(config)
+  repl, batch_sharding = (parallel.replicated(mesh),
+                          parallel.data_sharding(mesh))
+
+  def mean_image(outputs):
+    if settings.likelihood == "bernoulli":
+      return jax.nn.sigmoid(outputs)
+    return (jnp.tanh(jnp.split(outputs, 2, -1)[0]) + 1.0) / 2.0
+
+  @functools.partial(jax.jit, in_shardings=(repl, batch_sharding,
+                                            batch_sharding),
+                     out_shardings=batch_sharding)
+  def decode(params, z, labels):
+    return mean_image(model.apply({"params": params}, z,
+                                  labels if settings.conditional else None,
+                                  method="decode"))
+
+  def sample_uint8(params, z, labels):
+    return images_lib.to_uint8(parallel.map_batches(
+        functools.partial(decode, params), (z, labels), mesh), 0.0, 1.0)
+  return sample_uint8
+
+
+def sample_images(config, mesh, state, num: int, seed: int) -> np.ndarray:
+  """`num` uint8 prior samples [N, H, W, C] (decoder means; labels cycle
+  through the classes). seed: the latents."""
+  z = np.asarray(jax.random.normal(jax.random.key(seed),
+                                   (num, config.vae.latent_dim)))
+  labels = np.arange(num, dtype=np.int32) % max(config.data.num_classes, 1)
+  return make_decoder(config, mesh)(state.params, z, labels)
+
+
 def make_evaluator(config, mesh, eval_source, workdir):
   """evaluator(state, step) -> test nelbo, recon, kl, bits/dim, IWAE NLL
   (config.vae.iw_samples > 0), FID/score of prior samples
@@ -402,22 +439,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
       config, mesh, data.ArraySource(all_examples["image"],
                                      all_examples["label"]))
 
-  def mean_image(outputs):
-    if settings.likelihood == "bernoulli":
-      return jax.nn.sigmoid(outputs)
-    return (jnp.tanh(jnp.split(outputs, 2, -1)[0]) + 1.0) / 2.0
-
-  @functools.partial(jax.jit, in_shardings=(repl, batch_sharding,
-                                            batch_sharding),
-                     out_shardings=batch_sharding)
-  def decode(params, z, labels):
-    return mean_image(model.apply({"params": params}, z,
-                                  labels if settings.conditional else None,
-                                  method="decode"))
-
-  def sample_uint8(params, z, labels):
-    return images_lib.to_uint8(parallel.map_batches(
-        functools.partial(decode, params), (z, labels), mesh), 0.0, 1.0)
+  sample_uint8 = make_decoder(config, mesh)
 
   z_dim = config.vae.latent_dim
   prior_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),

@@ -16,7 +16,8 @@ from experiments import common
 EXPERIMENTS = sorted(
     name for name in os.listdir(os.path.join(REPO, "experiments"))
     if name.endswith(".py") and name not in ("__init__.py", "common.py"))
-NEEDS_LABELS = ("cnn.py", "resnet.py", "cgan.py", "vae_cond.py")
+NEEDS_LABELS = ("cnn.py", "resnet.py", "cgan.py", "vae_cond.py",
+                "ddpm_cond.py", "flow_cond.py")
 
 
 def _load(experiment, arg):
@@ -31,9 +32,10 @@ def _train_steps(config, num_examples):
 
 
 def test_experiment_list():
-  assert EXPERIMENTS == ["cgan.py", "cnn.py", "dcgan.py", "hinge_sn.py",
-                         "resnet.py", "vae_cond.py", "vae_conv.py",
-                         "vae_mlp.py", "wgan_gp.py"]
+  assert EXPERIMENTS == ["cgan.py", "cnn.py", "dcgan.py", "ddpm.py",
+                         "ddpm_cond.py", "flow.py", "flow_cond.py",
+                         "hinge_sn.py", "resnet.py", "vae_cond.py",
+                         "vae_conv.py", "vae_mlp.py", "wgan_gp.py"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -69,9 +71,12 @@ def test_bad_config_argument_lists_choices():
     ("cnn.py", "cifar10"), ("resnet.py", "mnist,full"),
     ("dcgan.py", "cifar10"), ("hinge_sn.py", "celeb_a64"),
     ("cgan.py", "mnist"), ("vae_conv.py", "cifar10,full"),
-    ("vae_mlp.py", "celeb_a64"), ("vae_cond.py", "mnist")])
+    ("vae_mlp.py", "celeb_a64"), ("vae_cond.py", "mnist"),
+    ("flow_cond.py", "cifar10")])
 def test_trains_on_mock_tfds_data(tmp_path, experiment, arg):
-  shrink = {"vae.iw_samples": 2, "model.width": 4}
+  shrink = {"vae.iw_samples": 2, "model.width": 4, "model.channels": 8,
+            "model.multipliers": "(1, 2)", "model.num_res_blocks": 1,
+            "diffusion.sample_steps": 2}
   valid = config_lib.flat_keys(_load(experiment, arg))
   config = tiny_config("", f"{experiment}:{arg}", num_steps=2,
                        checkpoint_every=2,

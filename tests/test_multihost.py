@@ -21,18 +21,23 @@ GENIMG = os.path.join(os.path.dirname(sys.executable), "genimg")
 
 # experiment -> overrides: tiny, constant learning rates (a run resumed with
 # a longer num_steps then follows the same schedule), the full evaluation.
+# One entry per family; the conditional forms cover the unconditional code
+# paths too (cgan: G and projection D; vae_cond: encoder and decoder).
 FAMILIES = {
     "cnn": ("cnn.py", ["--config.optimizer.schedule=constant"]),
-    "dcgan": ("dcgan.py", ["--config.eval_samples=64"]),
     "cgan": ("cgan.py", ["--config.eval_samples=64"]),
     "wgan_gp": ("wgan_gp.py", ["--config.eval_samples=64",
                                "--config.gan.n_critic=2"]),
-    "vae_conv": ("vae_conv.py", ["--config.optimizer.schedule=constant",
-                                 "--config.vae.iw_samples=2",
-                                 "--config.eval_samples=64"]),
     "vae_cond": ("vae_cond.py", ["--config.optimizer.schedule=constant",
                                  "--config.vae.iw_samples=2",
                                  "--config.eval_samples=64"]),
+    "ddpm_cond": ("ddpm_cond.py", [
+        "--config.optimizer.schedule=constant", "--config.eval_samples=64",
+        "--config.model.channels=8", "--config.model.multipliers=(1, 2)",
+        "--config.model.num_res_blocks=1",
+        "--config.model.attention_resolutions=(14,)",
+        "--config.diffusion.sample_steps=3",
+        "--config.diffusion.guidance_scale=2.0"]),
 }
 
 

@@ -1,0 +1,78 @@
+"""DDPM: the UNet predicts the noise (eps), linear schedule, T = 1000;
+samples and FID by DDIM (50 steps, eta 0) from the EMA parameters.
+
+  genimg train --config experiments/ddpm.py --workdir workdirs/ddpm
+  genimg train --config experiments/ddpm.py:cifar10,full --workdir workdirs/ddpm_cifar10
+  genimg train --config experiments/ddpm.py:celeb_a64,full --workdir workdirs/ddpm_celeba
+  genimg sample --workdir workdirs/ddpm --num 64 --sampler ddim --steps 20 --output ddpm.png
+
+v-prediction: --config.diffusion.objective=v; cosine schedule:
+--config.diffusion.schedule=cosine. Class-conditional with classifier-free
+guidance: experiments/ddpm_cond.py.
+
+local (28 x 28): a 1.6M-parameter UNet (channels 32, multipliers (1, 2, 2),
+attention at 7 x 7), batch 64, 6,000 steps. full: DDPM's networks: on
+CIFAR-10 35.7M parameters (channels 128, (1, 2, 2, 2), attention at 16 x 16,
+dropout 0.1), batch 128, 800,000 steps, Adam 2e-4 with 5,000 warm-up steps,
+gradients clipped at norm 1, EMA 0.9999 (Ho et al. 2020, Appendix B).
+"""
+
+import ml_collections
+
+from experiments import common
+
+
+def get_config(arg=""):
+  dataset, variant = common.parse_arg(arg)
+  local = variant == "local"
+  config = common.get_run_config(ml_collections.ConfigDict(), "diffusion")
+  config.data = common.get_data_config(dataset)
+  side = config.data.image_shape[0]
+
+  config.model = ml_collections.ConfigDict()
+  config.model.dtype = "float32"
+  if side == 28:
+    config.model.channels = 32 if local else 64
+    config.model.multipliers = (1, 2, 2)
+    config.model.attention_resolutions = (7,) if local else (14,)
+  else:  # 32 x 32 (DDPM's CIFAR-10 network) and 64 x 64.
+    config.model.channels = 64 if local else 128
+    config.model.multipliers = (1, 2, 2, 2)
+    config.model.attention_resolutions = (16,)
+  config.model.num_res_blocks = 2
+  config.model.dropout_rate = 0.1
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.objective = "eps"
+  config.diffusion.schedule = "linear"
+  config.diffusion.num_timesteps = 1000
+  config.diffusion.conditional = False
+  config.diffusion.label_dropout = 0.1
+  config.diffusion.ema_decay = 0.999 if local else 0.9999
+  # Sampling at evaluation and by `genimg sample` (a resume may change these).
+  config.diffusion.sampler = "ddim"
+  config.diffusion.sample_steps = 50
+  config.diffusion.eta = 0.0
+  config.diffusion.guidance_scale = 1.0
+  config.diffusion.clip_denoised = True
+
+  config.optimizer = common.get_optimizer_config(
+      "adam", 1e-3 if local else 2e-4, "cosine" if local else "constant",
+      200 if local else 5000)
+  config.optimizer.grad_clip = 1.0
+
+  config.feature_network = common.FEATURE_NETWORKS.get(dataset, "")
+  config.eval_samples = 10000 if config.feature_network else 0
+  config.eval_batch_size = 500
+  config.num_epochs = 0
+  if local:
+    config.batch_size = 64
+    config.num_steps = 6000
+    config.eval_every = 3000
+    config.checkpoint_every = 500
+  else:
+    config.batch_size = 128
+    config.num_steps = 800000
+    config.eval_every = 50000
+    config.checkpoint_every = 5000
+  return config

@@ -1,0 +1,454 @@
+"""Diffusion and flow matching: schedules, objectives, the train step, the
+evaluator. The network is `unet.UNet`; the samplers are in `samplers.py`.
+
+Images are scaled to [-1, 1]. Objectives (config.diffusion.objective):
+  "eps"  DDPM: x_t = sqrt(ab_t) x + sqrt(1 - ab_t) eps, t uniform in
+         {0, ..., T-1}; the network predicts eps. Loss: mean squared error
+         (DDPM's L_simple: uniform over t).
+  "v"    the same x_t; the network predicts v = sqrt(ab_t) eps -
+         sqrt(1 - ab_t) x (Salimans & Ho 2022). Its MSE is the eps MSE / ab_t
+         = (1 + SNR_t) times the MSE of x0_hat.
+  "flow" flow matching / rectified flow: x_t = t x + (1 - t) eps, t uniform
+         in [0, 1] (t = 0 noise, t = 1 data); the network predicts the
+         velocity x - eps. Its MSE is the MSE of x0_hat / (1 - t)^2.
+Schedules of ab_t = alpha-bar (config.diffusion.schedule): "linear" (DDPM:
+betas 1e-4 to 0.02 over T = 1000) and "cosine" (Nichol & Dhariwal 2021,
+s = 0.008, betas clipped at 0.999). The network sees the time as t for
+diffusion and 1000 t for flow matching (the same range).
+
+Class-conditional models (config.diffusion.conditional) learn the "no label"
+class num_classes too: each training label is replaced by it with
+probability config.diffusion.label_dropout. Classifier-free guidance at
+sampling with scale s: out = out(no label) + s (out(label) - out(no label));
+s = 1 is the conditional model, s = 0 the unconditional one.
+The EMA of the parameters (state.ema_params) is what samples and evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from genimg_jax import data, images as images_lib, optim, parallel, quality
+from genimg_jax import samplers, unet
+
+OBJECTIVES = ("eps", "v", "flow")
+SCHEDULES = ("linear", "cosine")
+FLOW_TIME_SCALE = 1000.0  # The network's time input is 1000 t for flow.
+
+
+def linear_alpha_bars(num_timesteps: int = 1000, beta_start: float = 1e-4,
+                      beta_end: float = 0.02) -> np.ndarray:
+  """DDPM's schedule: ab_t = prod_{s <= t} (1 - beta_s), betas linear.
+  [T] float64, t = 0 .. T-1."""
+  betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+  return np.cumprod(1.0 - betas)
+
+
+def cosine_alpha_bars(num_timesteps: int = 1000, s: float = 0.008,
+                      max_beta: float = 0.999) -> np.ndarray:
+  """Nichol & Dhariwal's: ab_t = f(t + 1) / f(0), f(u) = cos^2(pi/2
+  (u / T + s) / (1 + s)), with each beta = 1 - ab_t / ab_{t-1} clipped at
+  max_beta. [T] float64, t = 0 .. T-1."""
+  f = lambda u: np.cos((u / num_timesteps + s) / (1 + s) * np.pi / 2) ** 2
+  u = np.arange(num_timesteps + 1, dtype=np.float64)
+  betas = np.minimum(1.0 - f(u[1:]) / f(u[:-1]), max_beta)
+  return np.cumprod(1.0 - betas)
+
+
+def alpha_bars_for(schedule: str, num_timesteps: int) -> np.ndarray:
+  if schedule == "linear":
+    return linear_alpha_bars(num_timesteps)
+  if schedule == "cosine":
+    return cosine_alpha_bars(num_timesteps)
+  raise ValueError(f"Unknown diffusion.schedule {schedule!r}; choose from "
+                   f"{SCHEDULES}.")
+
+
+def bcast(v_B, x):
+  """[B] -> [B, 1, 1, 1] (as many ones as x has trailing axes)."""
+  return jnp.reshape(v_B, v_B.shape + (1,) * (x.ndim - v_B.ndim))
+
+
+def noised_input(x0, noise, sqrt_ab_B, sqrt_one_minus_ab_B):
+  """q(x_t | x_0) by reparameterisation: sqrt(ab) x0 + sqrt(1 - ab) noise.
+
+  The square roots come from float64 tables (`Settings.sqrt_tables`): in
+  float32, 1 - ab loses 3 of its digits near t = 0.
+  """
+  return (bcast(sqrt_ab_B, x0) * x0 +
+          bcast(sqrt_one_minus_ab_B, x0) * noise)
+
+
+def flow_input(x0, noise, t_B):
+  """The straight path t x0 + (1 - t) noise (t = 0 noise, t = 1 data)."""
+  t = bcast(t_B, x0)
+  return t * x0 + (1.0 - t) * noise
+
+
+def target(objective: str, x0, noise, sqrt_ab_B=None,
+           sqrt_one_minus_ab_B=None):
+  """What the network learns to predict: eps, v or the flow velocity."""
+  if objective == "eps":
+    return noise
+  if objective == "v":
+    return (bcast(sqrt_ab_B, x0) * noise -
+            bcast(sqrt_one_minus_ab_B, x0) * x0)
+  if objective == "flow":
+    return x0 - noise
+  raise ValueError(f"Unknown diffusion.objective {objective!r}; choose from "
+                   f"{OBJECTIVES}.")
+
+
+def x0_and_eps(objective: str, output, x_t, sqrt_ab, sqrt_one_minus_ab):
+  """(x0_hat, eps_hat) from a diffusion network's output at x_t."""
+  a, s = sqrt_ab, sqrt_one_minus_ab
+  if objective == "eps":
+    return (x_t - s * output) / a, output
+  if objective == "v":
+    return a * x_t - s * output, s * x_t + a * output
+  raise ValueError(f"x0_and_eps is for 'eps' and 'v', not {objective!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static settings of the step and the samplers."""
+  objective: str = "eps"
+  schedule: str = "linear"
+  num_timesteps: int = 1000
+  num_classes: int = 0  # > 0: class-conditional.
+  label_dropout: float = 0.1
+  ema_decay: float = 0.9999
+
+  def alpha_bars(self) -> np.ndarray:
+    return alpha_bars_for(self.schedule, self.num_timesteps)
+
+  def sqrt_tables(self):
+    """(sqrt(ab), sqrt(1 - ab)) [T] float32, computed in float64."""
+    ab = self.alpha_bars()
+    return (jnp.asarray(np.sqrt(ab), jnp.float32),
+            jnp.asarray(np.sqrt(1.0 - ab), jnp.float32))
+
+
+def settings_from_config(config) -> Settings:
+  d = config.diffusion
+  if d.objective not in OBJECTIVES:
+    raise ValueError(f"Unknown diffusion.objective {d.objective!r}; choose "
+                     f"from {OBJECTIVES}.")
+  alpha_bars_for(d.schedule, 2)  # Checks the name.
+  if d.conditional and config.data.num_classes < 2:
+    raise ValueError("diffusion.conditional needs a labelled data set "
+                     f"(data.num_classes is {config.data.num_classes}).")
+  return Settings(d.objective, d.schedule, d.num_timesteps,
+                  config.data.num_classes if d.conditional else 0,
+                  d.label_dropout, d.ema_decay)
+
+
+def make_model(config, num_classes: int) -> unet.UNet:
+  m = config.model
+  return unet.UNet(m.channels, tuple(m.multipliers), m.num_res_blocks,
+                   tuple(m.attention_resolutions), m.dropout_rate,
+                   num_classes, jnp.dtype(m.dtype))
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, optimizer state, step and the EMA of the parameters."""
+  ema_params: Any = None
+
+
+def create_train_state(config, rng, num_steps) -> TrainState:
+  """Fresh state; the EMA starts at the initial parameters. rng: init."""
+  settings = settings_from_config(config)
+  model = make_model(config, settings.num_classes)
+  params = model.init(rng, jnp.zeros((1, *config.data.image_shape)),
+                      jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           ema_params=params,
+                           tx=optim.make_optimizer(config.optimizer,
+                                                   num_steps))
+
+
+def to_model_range(image_uint8):
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return image_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def training_example(settings: Settings, x0, rng):
+  """(x_t, network time [B], target) for clean images x0 in [-1, 1].
+
+  rng: split into the noise and the time draws.
+  """
+  noise_rng, time_rng = jax.random.split(rng)
+  noise = jax.random.normal(noise_rng, x0.shape)
+  batch = x0.shape[0]
+  if settings.objective == "flow":
+    t = jax.random.uniform(time_rng, (batch,))
+    return (flow_input(x0, noise, t), t * FLOW_TIME_SCALE,
+            target("flow", x0, noise))
+  t = jax.random.randint(time_rng, (batch,), 0, settings.num_timesteps)
+  sqrt_ab, sqrt_one_minus_ab = (table[t] for table in settings.sqrt_tables())
+  return (noised_input(x0, noise, sqrt_ab, sqrt_one_minus_ab),
+          t.astype(jnp.float32),
+          target(settings.objective, x0, noise, sqrt_ab, sqrt_one_minus_ab))
+
+
+def drop_labels(labels_B, num_classes: int, rate: float, rng):
+  """Each label replaced by `num_classes` ("no label") with prob. `rate`."""
+  drop = jax.random.bernoulli(rng, rate, labels_B.shape)
+  return jnp.where(drop, num_classes, labels_B)
+
+
+def train_step(state: TrainState, batch, rng, *, settings: Settings):
+  """One step on the mean squared error of the objective's target.
+
+  rng (folded with the step): the noise, the times, the label dropout and
+  the network's dropout. Metrics: loss, grad_norm, param_norm (after the
+  update).
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  example_rng, label_rng, dropout_rng = jax.random.split(rng, 3)
+  x_t, time, target_ = training_example(
+      settings, to_model_range(batch["image"]), example_rng)
+  labels = None
+  if settings.num_classes:
+    labels = drop_labels(batch["label"], settings.num_classes,
+                         settings.label_dropout, label_rng)
+
+  def loss_fn(params):
+    output = state.apply_fn({"params": params}, x_t, time, labels, train=True,
+                            rngs={"dropout": dropout_rng})
+    return jnp.mean((output - target_) ** 2)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  new_state = state.apply_gradients(grads=grads)
+  decay = optim.ema_decay_at(state.step, settings.ema_decay)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                     state.ema_params, new_state.params)
+  return new_state.replace(ema_params=ema), {
+      "loss": loss, "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(new_state.params)}
+
+
+def bind_train_step(config, mesh=None):
+  """The diffusion step with the config's static settings bound."""
+  del mesh  # Every intermediate follows the sharded batch.
+  return functools.partial(train_step, settings=settings_from_config(config))
+
+
+def guided_network(apply_fn, params, labels_B, num_classes: int,
+                   guidance_scale: float):
+  """network(x_t, time_B) -> output, with classifier-free guidance.
+
+  Unconditional models (num_classes 0) ignore labels. With scale 1 the
+  conditional output alone; otherwise one call on [x_t; x_t] with [labels;
+  no label]: out_u + s (out_c - out_u).
+  """
+  variables = {"params": params}
+  if not num_classes:
+    return lambda x, time: apply_fn(variables, x, time, None)
+  if guidance_scale == 1.0:
+    return lambda x, time: apply_fn(variables, x, time, labels_B)
+  unlabelled = jnp.full_like(labels_B, num_classes)
+
+  def network(x, time):
+    both = apply_fn(variables, jnp.concatenate([x, x]),
+                    jnp.concatenate([time, time]),
+                    jnp.concatenate([labels_B, unlabelled]))
+    conditional, unconditional = jnp.split(both, 2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+  return network
+
+
+def make_denoise_fn(network, settings: Settings, clip: bool = True):
+  """denoise_fn(x_t, t) -> (x0_hat, eps_hat) for the DDPM/DDIM samplers; t is
+  a scalar int step. clip: x0_hat clipped to [-1, 1] and eps_hat recomputed
+  from it (so a DDIM step stays consistent)."""
+  sqrt_ab_table, sqrt_one_minus_ab_table = settings.sqrt_tables()
+
+  def denoise_fn(x, t):
+    time = jnp.full((x.shape[0],), t, jnp.float32)
+    a, s = sqrt_ab_table[t], sqrt_one_minus_ab_table[t]
+    x0, eps = x0_and_eps(settings.objective, network(x, time), x, a, s)
+    if clip:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+      eps = (x - a * x0) / s
+    return x0, eps
+  return denoise_fn
+
+
+def make_velocity_fn(network):
+  """velocity_fn(x_t, t) -> v for a flow-matching network; t in [0, 1]."""
+  return lambda x, t: network(
+      x, jnp.full((x.shape[0],), t * FLOW_TIME_SCALE, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+  """sampler: ddpm or ddim (eps, v); euler or heun (flow). steps: ddim,
+  euler, heun (ddpm always takes T). eta: ddim's noise. guidance_scale: see
+  `guided_network`. clip: x0_hat clipped to [-1, 1] (ddpm, ddim)."""
+  sampler: str = "ddim"
+  steps: int = 50
+  eta: float = 0.0
+  guidance_scale: float = 1.0
+  clip: bool = True
+
+
+def sampler_options(config, **overrides) -> SamplerOptions:
+  d = config.diffusion
+  options = SamplerOptions(d.sampler, d.sample_steps, d.eta,
+                           d.guidance_scale, d.clip_denoised)
+  options = dataclasses.replace(
+      options, **{k: v for k, v in overrides.items() if v is not None})
+  allowed = (samplers.FLOW_SAMPLERS if d.objective == "flow"
+             else samplers.DIFFUSION_SAMPLERS)
+  if options.sampler not in allowed:
+    raise ValueError(f"Sampler {options.sampler!r} does not fit objective "
+                     f"{d.objective!r}; choose from {allowed}.")
+  if options.steps < 1:
+    raise ValueError(f"Sampler steps must be >= 1, got {options.steps}.")
+  return options
+
+
+def generate(params, noise_BHWC, labels_B, rng, *, apply_fn,
+             settings: Settings, options: SamplerOptions):
+  """Images in [-1, 1] [B, H, W, C] from noise [B, H, W, C] (and labels [B]
+  if conditional). rng: the ddpm/ddim(eta > 0) noise."""
+  network = guided_network(apply_fn, params, labels_B, settings.num_classes,
+                           options.guidance_scale)
+  if settings.objective == "flow":
+    solver = {"euler": samplers.euler_sample,
+              "heun": samplers.heun_sample}[options.sampler]
+    x = solver(make_velocity_fn(network), noise_BHWC, options.steps)
+    return jnp.clip(x, -1.0, 1.0)
+  denoise_fn = make_denoise_fn(network, settings, options.clip)
+  alpha_bars = settings.alpha_bars()
+  if options.sampler == "ddpm":
+    x = samplers.ddpm_sample(denoise_fn, alpha_bars, noise_BHWC, rng)
+  else:
+    x = samplers.ddim_sample(
+        denoise_fn, alpha_bars, noise_BHWC,
+        samplers.ddim_timesteps(settings.num_timesteps, options.steps),
+        options.eta, rng)
+  return jnp.clip(x, -1.0, 1.0)
+
+
+def make_sampler(config, mesh, options: SamplerOptions):
+  """jit of (params, noise, labels, rng) -> images in [-1, 1]; noise and
+  labels sharded on "data", params and rng replicated."""
+  settings = settings_from_config(config)
+  model = make_model(config, settings.num_classes)
+  repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(functools.partial(generate, apply_fn=model.apply,
+                                   settings=settings, options=options),
+                 in_shardings=(repl, batch, batch, repl), out_shardings=batch)
+
+
+def sample_uint8(sampler, params, noise_NHWC, labels_N, rng, mesh,
+                 batch_size: int = 512) -> np.ndarray:
+  """uint8 images [N, H, W, C] in sharded batches; batch i draws its sampler
+  noise from fold_in(rng, i)."""
+  counter = itertools.count()
+  images = parallel.map_batches(
+      lambda noise, labels: sampler(params, noise, labels, parallel.replicate(
+          jax.random.fold_in(rng, next(counter)), mesh)),
+      (noise_NHWC, labels_N), mesh, batch_size)
+  return images_lib.to_uint8(images)
+
+
+def sample_images(config, mesh, state, num: int, seed: int,
+                  batch_size: int = 512, **sampler_overrides) -> np.ndarray:
+  """`num` uint8 samples [N, H, W, C] of the EMA model (labels cycle through
+  the classes); seed: the initial noise and the sampler's noise."""
+  options = sampler_options(config, **sampler_overrides)
+  noise_rng, sampler_rng = jax.random.split(jax.random.key(seed))
+  noise = np.asarray(jax.random.normal(
+      noise_rng, (num, *config.data.image_shape)))
+  labels = np.arange(num, dtype=np.int32) % max(config.data.num_classes, 1)
+  return sample_uint8(make_sampler(config, mesh, options), state.ema_params,
+                      noise, labels, sampler_rng, mesh, batch_size)
+
+
+def eval_step(state, batch, rng, *, settings: Settings):
+  """Sums over real (mask 1) test examples of the EMA network's loss
+  (labels kept) and the count. rng: noise and times."""
+  x_t, time, target_ = training_example(
+      settings, to_model_range(batch["image"]), rng)
+  labels = batch["label"] if settings.num_classes else None
+  output = state.apply_fn({"params": state.ema_params}, x_t, time, labels)
+  per_example = jnp.mean((output - target_) ** 2, axis=(1, 2, 3))
+  mask = batch["mask"]
+  return {"loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
+
+
+def make_evaluator(config, mesh, eval_source, workdir):
+  """evaluator(state, step) -> test loss of the EMA network and, with
+  config.eval_samples > 0, FID and score of its samples (the configured
+  sampler); writes samples/step_N.png (64 samples from fixed noise) and, for
+  conditional models, samples/classes_N.png (a row per class). The test
+  loss's noise (seed + 7) and the FID samples' (seed + 3) are folded with
+  `step`. Every process runs every sharded call; process 0 writes files."""
+  settings = settings_from_config(config)
+  options = sampler_options(config)
+  sampler = make_sampler(config, mesh, options)
+  repl, batch_sharding = (parallel.replicated(mesh),
+                          parallel.data_sharding(mesh))
+  loss_fn = jax.jit(functools.partial(eval_step, settings=settings),
+                    in_shardings=(repl, batch_sharding, repl),
+                    out_shardings=repl)
+  metric = quality.metrics_for_config(config, mesh, eval_source)
+  shape = tuple(config.data.image_shape)
+  num_classes = max(config.data.num_classes, 1)
+  fixed_noise = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
+                                             (64, *shape)))
+  fixed_labels = np.arange(64, dtype=np.int32) % num_classes
+  class_noise = np.repeat(fixed_noise[None, :10], num_classes, 0).reshape(
+      -1, *shape)
+  class_labels = np.repeat(np.arange(num_classes, dtype=np.int32), 10)
+  sample_dir = os.path.join(workdir, "samples")
+  loss_key, sample_key = jax.random.key(config.seed + 7), jax.random.key(
+      config.seed + 3)
+
+  def evaluator(state, step):
+    step_key = jax.random.fold_in(loss_key, step)
+    batch_rngs = (parallel.replicate(jax.random.fold_in(step_key, i), mesh)
+                  for i in itertools.count())
+    sums = data.sum_over_split(lambda s, b: loss_fn(s, b, next(batch_rngs)),
+                               state, eval_source, config.eval_batch_size,
+                               mesh)
+    metrics = {"loss": float(sums["loss"] / sums["count"])}
+    sample = lambda noise, labels, rng: sample_uint8(
+        sampler, state.ema_params, noise, labels, rng, mesh,
+        config.eval_batch_size)
+    grid_rng = jax.random.key(config.seed + 2)
+    grids = {"step": (sample(fixed_noise, fixed_labels, grid_rng), 8)}
+    if settings.num_classes:
+      grids["classes"] = (sample(class_noise, class_labels, grid_rng), 10)
+    if jax.process_index() == 0:
+      for name, (images, columns) in grids.items():
+        images_lib.save_grid(
+            os.path.join(sample_dir, f"{name}_{step:06d}.png"), images,
+            columns)
+    if metric is not None:
+      noise_rng, sampler_rng = jax.random.split(
+          jax.random.fold_in(sample_key, step))
+      noise = np.asarray(jax.random.normal(
+          noise_rng, (config.eval_samples, *shape)))
+      labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
+      metrics.update(metric(sample(noise, labels, sampler_rng)))
+    return metrics
+  return evaluator
+
+
+def num_params(params) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
