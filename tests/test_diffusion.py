@@ -272,7 +272,7 @@ def test_cifar10_full_config_is_ddpms_network():
 
 
 def test_unet_shapes_and_zero_output_at_init():
-  model = unet.UNet(8, (1, 2, 2), 1, (7,), 0.0, num_classes=10)
+  model = unet.UNet(8, (1, 2), 1, (14,), 0.0, num_classes=10)
   x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
   variables = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((2,)),
                                   jnp.zeros((2,), jnp.int32))
