@@ -33,9 +33,9 @@ FAMILIES = {
                                  "--config.eval_samples=64"]),
     "ddpm_cond": ("ddpm_cond.py", [
         "--config.optimizer.schedule=constant", "--config.eval_samples=64",
-        "--config.model.channels=8", "--config.model.multipliers=(1, 2)",
+        "--config.model.channels=8", "--config.model.multipliers=(1,)",
         "--config.model.num_res_blocks=1",
-        "--config.model.attention_resolutions=(14,)",
+        "--config.model.attention_resolutions=(28,)",
         "--config.diffusion.sample_steps=3",
         "--config.diffusion.guidance_scale=2.0"]),
 }
