@@ -317,6 +317,10 @@ def sampler_options(config, **overrides) -> SamplerOptions:
                      f"{d.objective!r}; choose from {allowed}.")
   if options.steps < 1:
     raise ValueError(f"Sampler steps must be >= 1, got {options.steps}.")
+  if options.guidance_scale != 1.0 and not d.conditional:
+    raise ValueError("Classifier-free guidance needs a class-conditional "
+                     "model (experiments/ddpm_cond.py, flow_cond.py); this "
+                     "one is unconditional.")
   return options
 
 
@@ -434,11 +438,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
     grids = {"step": (sample(fixed_noise, fixed_labels, grid_rng), 8)}
     if settings.num_classes:
       grids["classes"] = (sample(class_noise, class_labels, grid_rng), 10)
-    if jax.process_index() == 0:
-      for name, (images, columns) in grids.items():
-        images_lib.save_grid(
-            os.path.join(sample_dir, f"{name}_{step:06d}.png"), images,
-            columns)
+    images_lib.save_grids(sample_dir, grids, step)
     if metric is not None:
       noise_rng, sampler_rng = jax.random.split(
           jax.random.fold_in(sample_key, step))

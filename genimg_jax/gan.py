@@ -489,11 +489,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
                         10)}
     if settings.conditional:
       grids["classes"] = (sample(class_z, class_labels), 10)
-    if jax.process_index() == 0:
-      for name, (images, columns) in grids.items():
-        images_lib.save_grid(
-            os.path.join(sample_dir, f"{name}_{step:06d}.png"), images,
-            columns)
+    images_lib.save_grids(sample_dir, grids, step)
     if metric is None:
       return {}
     rng = jax.random.fold_in(jax.random.key(config.seed + 3), step)

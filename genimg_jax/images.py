@@ -45,6 +45,16 @@ def save_grid(path: str, images_NHWC: np.ndarray, columns: int,
   return path
 
 
+def save_grids(sample_dir: str, grids: dict, step: int) -> None:
+  """Writes {name: (uint8 images, columns)} as sample_dir/name_STEP.png, on
+  process 0 only (every process computed the images)."""
+  if jax.process_index() != 0:
+    return
+  for name, (images, columns) in grids.items():
+    save_grid(os.path.join(sample_dir, f"{name}_{step:06d}.png"), images,
+              columns)
+
+
 def slerp(z0: jax.Array, z1: jax.Array, num: int) -> jax.Array:
   """Spherical interpolation between latents z0, z1 [Z] -> [num, Z]."""
   t = jnp.linspace(0.0, 1.0, num)[:, None]

@@ -478,11 +478,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
         "prior": (sample_uint8(state.params, prior_z, prior_labels), 8),
         "interp": (sample_uint8(state.params, interp_z,
                                 np.repeat(prior_labels[:8], 10)), 10)}
-    if jax.process_index() == 0:
-      for name, (images, columns) in grids.items():
-        images_lib.save_grid(
-            os.path.join(sample_dir, f"{name}_{step:06d}.png"), images,
-            columns)
+    images_lib.save_grids(sample_dir, grids, step)
     if metric is not None:
       z = np.asarray(jax.random.normal(
           jax.random.fold_in(jax.random.key(config.seed + 3), step),

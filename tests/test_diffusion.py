@@ -403,3 +403,10 @@ def test_bad_sampler_for_objective_is_refused(idx_dir):
   config = tiny_config(idx_dir, "flow.py", **{"diffusion.sampler": "ddim"})
   with pytest.raises(ValueError, match="does not fit objective 'flow'"):
     diffusion.sampler_options(config)
+  config = tiny_config(idx_dir, "ddpm.py")
+  with pytest.raises(ValueError, match="needs a class-conditional model"):
+    diffusion.sampler_options(config, guidance_scale=2.0)
+  with pytest.raises(ValueError, match="steps must be >= 1"):
+    diffusion.sampler_options(config, steps=0)
+  assert diffusion.sampler_options(config, steps=7, sampler="ddpm") == (
+      diffusion.SamplerOptions("ddpm", 7, 0.0, 1.0, True))
