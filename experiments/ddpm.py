@@ -11,7 +11,9 @@ v-prediction: --config.diffusion.objective=v; cosine schedule:
 guidance: experiments/ddpm_cond.py.
 
 local (28 x 28): a 1.6M-parameter UNet (channels 32, multipliers (1, 2, 2),
-attention at 7 x 7), batch 64, 6,000 steps. full: DDPM's networks: on
+attention at 7 x 7), batch 64, 6,000 steps. Provisional: a step takes 3.5 s
+on 2 CPU cores (`genimg bench --model ddpm --batch 64`), so this is hours,
+not the 90 minutes a local run should take. full: DDPM's networks: on
 CIFAR-10 35.7M parameters (channels 128, (1, 2, 2, 2), attention at 16 x 16,
 dropout 0.1), batch 128, 800,000 steps, Adam 2e-4 with 5,000 warm-up steps,
 gradients clipped at norm 1, EMA 0.9999 (Ho et al. 2020, Appendix B).
