@@ -370,17 +370,16 @@ def sample_uint8(sampler, params, noise_NHWC, labels_N, rng, mesh,
   return images_lib.to_uint8(images)
 
 
-def sample_images(config, mesh, state, num: int, seed: int,
+def sample_images(config, mesh, state, labels_N: np.ndarray, seed: int,
                   batch_size: int = 512, **sampler_overrides) -> np.ndarray:
-  """`num` uint8 samples [N, H, W, C] of the EMA model (labels cycle through
-  the classes); seed: the initial noise and the sampler's noise."""
+  """uint8 samples [N, H, W, C] of the EMA model, one per label (ignored if
+  unconditional); seed: the initial noise and the sampler's noise."""
   options = sampler_options(config, **sampler_overrides)
   noise_rng, sampler_rng = jax.random.split(jax.random.key(seed))
   noise = np.asarray(jax.random.normal(
-      noise_rng, (num, *config.data.image_shape)))
-  labels = np.arange(num, dtype=np.int32) % max(config.data.num_classes, 1)
+      noise_rng, (len(labels_N), *config.data.image_shape)))
   return sample_uint8(make_sampler(config, mesh, options), state.ema_params,
-                      noise, labels, sampler_rng, mesh, batch_size)
+                      noise, labels_N, sampler_rng, mesh, batch_size)
 
 
 def eval_step(state, batch, rng, *, settings: Settings):
@@ -449,6 +448,3 @@ def make_evaluator(config, mesh, eval_source, workdir):
     return metrics
   return evaluator
 
-
-def num_params(params) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

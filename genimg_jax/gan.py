@@ -439,17 +439,16 @@ def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
   return images_lib.to_uint8(images)
 
 
-def sample_images(config, mesh, state: GANState, num: int,
+def sample_images(config, mesh, state: GANState, labels_N: np.ndarray,
                   seed: int) -> np.ndarray:
-  """`num` uint8 samples [N, H, W, C] of the EMA generator with standing
-  BatchNorm statistics (labels cycle through the classes). seed: the noise
-  and the statistics' noise."""
+  """uint8 samples [N, H, W, C] of the EMA generator with standing BatchNorm
+  statistics, one per label (ignored if unconditional). seed: the noise and
+  the statistics' noise."""
   z_rng, stats_rng = jax.random.split(jax.random.key(seed))
   stats = make_ema_batch_stats(config, mesh)(
       state, parallel.replicate(stats_rng, mesh))
-  z = np.asarray(jax.random.normal(z_rng, (num, config.gan.z_dim)))
-  labels = np.arange(num, dtype=np.int32) % max(config.data.num_classes, 1)
-  return sample_uint8(make_sampler(mesh), state, z, labels, mesh, stats)
+  z = np.asarray(jax.random.normal(z_rng, (len(labels_N), config.gan.z_dim)))
+  return sample_uint8(make_sampler(mesh), state, z, labels_N, mesh, stats)
 
 
 def make_evaluator(config, mesh, eval_source, workdir):

@@ -235,8 +235,11 @@ def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
     raise config_lib.ConfigError(
         f"--{'/--'.join(sampler_options)} only apply to diffusion runs; "
         f"{workdir!r} trained a {config.family}.")
+  # The labels sampled (cycling through the classes), and written with the
+  # images for conditional runs.
+  labels = np.arange(num, dtype=np.int32) % max(config.data.num_classes, 1)
   start = time.perf_counter()
-  images = family.sample_images(config, mesh, state, num, seed,
+  images = family.sample_images(config, mesh, state, labels, seed,
                                 **sampler_options)
   seconds = time.perf_counter() - start
   if jax.process_index() == 0:
@@ -248,8 +251,7 @@ def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
     else:
       arrays = {"arr_0": images}
       if config.get(config.family, {}).get("conditional", False):
-        arrays["labels"] = (np.arange(num, dtype=np.int32)
-                            % config.data.num_classes)
+        arrays["labels"] = labels
       np.savez(output, **arrays)
   return {"step": int(jax.device_get(state.step)), "output": output,
           "num": num, "seconds": round(seconds, 2),

@@ -405,13 +405,13 @@ def make_decoder(config, mesh):
   return sample_uint8
 
 
-def sample_images(config, mesh, state, num: int, seed: int) -> np.ndarray:
-  """`num` uint8 prior samples [N, H, W, C] (decoder means; labels cycle
-  through the classes). seed: the latents."""
+def sample_images(config, mesh, state, labels_N: np.ndarray,
+                  seed: int) -> np.ndarray:
+  """uint8 prior samples [N, H, W, C] (decoder means), one per label
+  (ignored if unconditional). seed: the latents."""
   z = np.asarray(jax.random.normal(jax.random.key(seed),
-                                   (num, config.vae.latent_dim)))
-  labels = np.arange(num, dtype=np.int32) % max(config.data.num_classes, 1)
-  return make_decoder(config, mesh)(state.params, z, labels)
+                                   (len(labels_N), config.vae.latent_dim)))
+  return make_decoder(config, mesh)(state.params, z, labels_N)
 
 
 def make_evaluator(config, mesh, eval_source, workdir):
