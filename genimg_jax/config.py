@@ -136,7 +136,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "num_epochs", "eval_every", "eval_samples",
     "eval_batch_size", "feature_network", "log_every", "checkpoint_every",
-    "keep_checkpoints", "mesh.num_devices", "data.idx_dir",
+    "keep_checkpoints", "compilation_cache_dir", "mesh.num_devices", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory",
     "data.eval_split", "vae.iw_samples", "gan.skip_nonfinite",
     "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
