@@ -162,6 +162,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
+  best_ckpt = None  # Opened at the first evaluation with an FID.
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -231,6 +232,10 @@ def _train_and_evaluate(config, workdir, stop_at_step):
             done == num_steps):
           eval_metrics = evaluator(state, done)
           writer.write(done, eval_metrics, prefix="eval")
+          if checkpoint.BEST_METRIC in eval_metrics:
+            best_ckpt = best_ckpt or checkpoint.Checkpointer(
+                workdir, ckpt.fingerprint, best=True)
+            best_ckpt.save(done, state, eval_metrics)
           writer.write_images(done, images_lib.read_grids(
               os.path.join(workdir, "samples"), done))
           progress.write(f"step {done}: eval " + ", ".join(
@@ -246,14 +251,20 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     progress.close()
     writer.close()
     ckpt.close()
+    if best_ckpt is not None:
+      best_ckpt.close()
   if eval_metrics and jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump({"step": int(jax.device_get(state.step)), **eval_metrics}, f)
   return state, eval_metrics
 
 
-def restore_workdir(workdir: str, overrides=()):
-  """(config, mesh, state) of the latest checkpoint in a `genimg train` workdir."""
+def restore_workdir(workdir: str, overrides=(), which: str = "latest"):
+  """(config, mesh, state) of a checkpoint in a `genimg train` workdir.
+
+  which: "latest", "best" (the lowest FID of the evaluations so far, kept in
+  WORKDIR/checkpoints_best) or a step number.
+  """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise checkpoint.CheckpointError(
@@ -265,10 +276,22 @@ def restore_workdir(workdir: str, overrides=()):
   setup_compilation_cache(config, workdir)
   mesh = parallel.make_mesh(config.mesh.num_devices)
   state = init_state(config, mesh, jax.random.key(0), 1)
+  if which not in ("latest", "best") and not which.isdigit():
+    raise config_lib.ConfigError(
+        f"--checkpoint {which!r}: use latest, best or a step number.")
   ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
-                                 config.keep_checkpoints)
+                                 config.keep_checkpoints,
+                                 best=which == "best")
   try:
-    state = ckpt.restore_latest(state)
+    step = int(which) if which.isdigit() else None
+    if which == "best":
+      step = ckpt.best_step()
+      if step is None:
+        raise checkpoint.CheckpointError(
+            f"{workdir!r} has no best checkpoint: one is kept at each "
+            "evaluation that computes an FID (set config.feature_network "
+            "and eval_samples).")
+    state = ckpt.restore_latest(state, step)
   finally:
     ckpt.close()
   if state is None:
@@ -276,9 +299,11 @@ def restore_workdir(workdir: str, overrides=()):
   return config, mesh, state
 
 
-def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
-  """Restores the latest checkpoint of `workdir` and evaluates it."""
-  config, mesh, state = restore_workdir(workdir, overrides)
+def evaluate_workdir(workdir: str, overrides=(),
+                     which: str = "latest") -> dict[str, float]:
+  """Restores a checkpoint of `workdir` (see `restore_workdir`) and
+  evaluates it."""
+  config, mesh, state = restore_workdir(workdir, overrides, which)
   eval_source = data.load_split(config.data, config.data.eval_split)
   step = int(jax.device_get(state.step))
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
@@ -287,14 +312,15 @@ def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
 
 
 def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
-                   overrides=(), **sampler_options) -> dict:
+                   overrides=(), which: str = "latest",
+                   **sampler_options) -> dict:
   """Writes `num` samples of the latest checkpoint of a generative `workdir`
   to `output`: a PNG grid (FILE.png, at most 1,024 images) or uint8 NHWC
   images as `arr_0` in an .npz (FILE.npz, the layout clean-fid, torch-fidelity
   and the ADM evaluation suite read; `labels` too, for class-conditional
   runs). sampler_options (diffusion only): sampler, steps, eta,
-  guidance_scale; None keeps the run's. Every process samples; process 0
-  writes."""
+  guidance_scale; None keeps the run's. which: the checkpoint (see
+  `restore_workdir`). Every process samples; process 0 writes."""
   if not output.endswith((".png", ".npz")):
     raise config_lib.ConfigError(
         f"--output {output!r} must end in .png (a grid) or .npz (arrays).")
@@ -302,7 +328,7 @@ def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
     raise config_lib.ConfigError(
         f"--num {num}: a PNG grid takes 1 to 1,024 images; write more to an "
         ".npz file.")
-  config, mesh, state = restore_workdir(workdir, overrides)
+  config, mesh, state = restore_workdir(workdir, overrides, which)
   family = family_module(config)
   if not hasattr(family, "sample_images"):
     raise config_lib.ConfigError(

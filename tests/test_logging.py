@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from genimg_jax import optim, parallel, train
+from genimg_jax import checkpoint, optim, parallel, train
 from conftest import tiny_config
 
 
@@ -115,3 +115,18 @@ def test_a_restarted_run_loads_its_steps_from_the_compilation_cache(
   assert f"Compilation cache {cache}: 0 hits" not in second
   assert " 0 misses" in second
   assert os.listdir(cache)
+
+
+def test_the_best_checkpoint_is_the_lowest_fid(tmp_path):
+  saved = {1: 5.0, 2: 3.0, 3: 4.0, 4: 6.0}
+  best = checkpoint.Checkpointer(str(tmp_path), {}, best=True)
+  for step, fid in saved.items():
+    best.save(step, {"w": np.full(2, step, np.float32)}, {"fid": fid})
+  best.close()
+  best = checkpoint.Checkpointer(str(tmp_path), {}, best=True)
+  assert best.best_step() == 2 and best.manager.all_steps() == [2]
+  restored = best.restore_latest({"w": np.zeros(2, np.float32)}, 2)
+  np.testing.assert_array_equal(restored["w"], [2, 2])
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of step 3"):
+    best.restore_latest({"w": np.zeros(2, np.float32)}, 3)
+  best.close()
