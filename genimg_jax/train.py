@@ -222,7 +222,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
                               "images_per_s": window_steps * config.batch_size
                                               / seconds}, prefix="speed")
           writer.write(done, optim.learning_rates(config.optimizer, num_steps,
-                                                  done - 1))
+                                                  done - 1), prefix="optimizer")
           window_start, window_steps = time.perf_counter(), 0
         if done % config.checkpoint_every == 0 or done == num_steps or stopping:
           flush_pending()  # Never checkpoint a state whose loss is NaN.

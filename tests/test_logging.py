@@ -62,11 +62,11 @@ def test_tensorboard_gets_learning_rate_hparams_and_sample_grids(tmp_path,
   scalars = {(v.tag, e.step): v.simple_value for e in events
              for v in e.summary.value if v.HasField("simple_value")}
   for step in (1, 2, 3, 4):  # Logged at the step count after the update.
-    assert scalars[("train/learning_rate_discriminator", step)] == (
+    assert scalars[("optimizer/learning_rate_discriminator", step)] == (
         pytest.approx(min(1.0, (step - 1) / 2) * 2e-4 if step <= 3 else
                       optim.learning_rates(config.optimizer, 4, step - 1)[
                           "learning_rate_discriminator"]))
-    assert scalars[("train/learning_rate_generator", step)] == (
+    assert scalars[("optimizer/learning_rate_generator", step)] == (
         pytest.approx(2e-4))
   hparams = [v for e in events for v in e.summary.value
              if v.tag == "_hparams_/session_start_info"]
