@@ -115,8 +115,13 @@ def setup_compilation_cache(config, workdir: str) -> str:
   if directory == "off":
     return jax.config.jax_compilation_cache_dir or ""
   if not directory:
-    directory = (jax.config.jax_compilation_cache_dir
-                 or os.path.join(os.path.abspath(workdir), "compilation_cache"))
+    directory = jax.config.jax_compilation_cache_dir
+    # Several processes get the cache only where it is set explicitly (they
+    # would otherwise all write WORKDIR/compilation_cache at once).
+    if not directory and jax.process_count() == 1:
+      directory = os.path.join(os.path.abspath(workdir), "compilation_cache")
+    if not directory:
+      return ""
   if directory != jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", directory)
     from jax.experimental import compilation_cache  # pylint: disable=g-import-not-at-top
@@ -162,7 +167,11 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
-  best_ckpt = None  # Opened at the first evaluation with an FID.
+  # Opened by every process together, before any evaluation, when the
+  # evaluation computes an FID.
+  best_ckpt = None
+  if config.get("feature_network") and config.get("eval_samples"):
+    best_ckpt = checkpoint.Checkpointer(workdir, ckpt.fingerprint, best=True)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -232,9 +241,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
             done == num_steps):
           eval_metrics = evaluator(state, done)
           writer.write(done, eval_metrics, prefix="eval")
-          if checkpoint.BEST_METRIC in eval_metrics:
-            best_ckpt = best_ckpt or checkpoint.Checkpointer(
-                workdir, ckpt.fingerprint, best=True)
+          if best_ckpt is not None and checkpoint.BEST_METRIC in eval_metrics:
             best_ckpt.save(done, state, eval_metrics)
           writer.write_images(done, images_lib.read_grids(
               os.path.join(workdir, "samples"), done))
