@@ -2,9 +2,9 @@
 
   genimg train --config experiments/cnn.py --workdir DIR \
       [--config.batch_size=256 ...]
-  genimg eval --workdir DIR [--checkpoint latest|best|STEP]
+  genimg eval --workdir DIR
   genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
-      [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1]
+      [--sampler ddim --steps 50 --eta 0 --guidance 1]
   genimg export-features --workdir DIR --output FILE
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
 """
@@ -40,10 +40,8 @@ def _parser():
                      help="an experiments/*.py file with get_config()")
   train.add_argument("--workdir", required=True,
                      help="checkpoints, logs and samples go here")
-  evaluate = sub.add_parser("eval", help="evaluate a checkpoint")
+  evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint")
   evaluate.add_argument("--workdir", required=True)
-  evaluate.add_argument("--checkpoint", default="latest",
-                        help="latest, best (lowest FID so far) or a step")
   sample = sub.add_parser(
       "sample", help="write samples of the latest checkpoint (GAN, VAE, "
                      "diffusion) as a PNG grid or an .npz of uint8 images")
@@ -53,8 +51,6 @@ def _parser():
                       help="FILE.png: a grid (<= 1,024 images); FILE.npz: "
                            "uint8 NHWC arr_0 (and labels if conditional)")
   sample.add_argument("--seed", type=int, default=0)
-  sample.add_argument("--checkpoint", default="latest",
-                      help="latest, best (lowest FID so far) or a step")
   sample.add_argument("--sampler", default=None,
                       help="diffusion: ddpm or ddim; flow: euler or heun "
                            "(default: the run's)")
@@ -110,12 +106,11 @@ def main(argv=None) -> int:
           config_lib.load_config_file(args.config), overrides)
       _, metrics = train.train_and_evaluate(config, args.workdir)
     elif args.command == "eval":
-      metrics = train.evaluate_workdir(args.workdir, overrides,
-                                       args.checkpoint)
+      metrics = train.evaluate_workdir(args.workdir, overrides)
     elif args.command == "sample":
       metrics = train.sample_workdir(
           args.workdir, args.num, args.output, args.seed, overrides,
-          args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
+          sampler=args.sampler, steps=args.steps, eta=args.eta,
           guidance_scale=args.guidance)
     elif args.command == "export-features":
       metrics = train.export_feature_network(args.workdir, args.output)
