@@ -88,4 +88,7 @@ def get_run_config(config, family: str, seed: int = 0):
   config.mesh.num_devices = 0  # 0: all devices.
   config.log_every = 100
   config.keep_checkpoints = 3
+  # JAX's persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR or
+  # WORKDIR/compilation_cache; "off"; or a directory.
+  config.compilation_cache_dir = ""
   return config

@@ -26,8 +26,6 @@ import numpy as np
 
 from genimg_jax import config as config_lib, data, parallel, train
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "experiments")
 # Model name -> the experiment config whose train step is timed.
 MODELS = {"cnn": "cnn.py", "resnet": "resnet.py",
           "dcgan": "dcgan.py", "vae": "vae_conv.py",
@@ -71,8 +69,7 @@ def load_model_config(model: str, batch: int, dtype: str, devices: int):
     raise config_lib.ConfigError(
         f"Unknown model {model!r} for bench; choose from {sorted(MODELS)} "
         "or all.")
-  config = config_lib.load_config_file(os.path.join(EXPERIMENTS,
-                                                    MODELS[model]))
+  config = config_lib.load_config_file(MODELS[model])  # The installed one.
   return config_lib.apply_overrides(config, [
       f"batch_size={batch}", f"model.dtype={dtype}",
       f"mesh.num_devices={devices}", "num_steps=1000"])

@@ -21,26 +21,50 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used for this run, with what to do."""
 
 
-class Checkpointer:
-  """Saves the steps the trainer asks for; keeps the last `keep`."""
+# The best checkpoint by this evaluation metric (lower is better) is kept in
+# WORKDIR/checkpoints_best, besides the latest ones.
+BEST_METRIC = "fid"
 
-  def __init__(self, workdir: str, fingerprint: dict, keep: int = 3):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+class Checkpointer:
+  """Saves the steps the trainer asks for; keeps the last `keep`.
+
+  best=True: the manager of WORKDIR/checkpoints_best instead, which keeps the
+  one checkpoint with the lowest `BEST_METRIC` (orbax's best_fn) among those
+  saved with metrics.
+  """
+
+  def __init__(self, workdir: str, fingerprint: dict, keep: int = 3,
+               best: bool = False):
+    self.directory = os.path.abspath(os.path.join(
+        workdir, "checkpoints_best" if best else "checkpoints"))
     self.fingerprint = fingerprint
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "meta"))
+    if best:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC],
+          best_mode="min", keep_checkpoints_without_metrics=False, create=True)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore_latest(self, target_state):
-    """The latest checkpoint restored into `target_state`'s structure and
-    shardings, or None when the workdir has none."""
-    step = self.manager.latest_step()
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def restore_latest(self, target_state, step: int | None = None):
+    """The latest checkpoint (or `step`) restored into `target_state`'s
+    structure and shardings, or None when the workdir has none."""
+    if step is None:
+      step = self.manager.latest_step()
     if step is None:
       return None
+    if step not in self.manager.all_steps():
+      raise CheckpointError(
+          f"{self.directory} has no checkpoint of step {step}; it has "
+          f"{sorted(self.manager.all_steps())}.")
     meta = self.manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     changed = config_lib.fingerprint_mismatches(meta.get("fingerprint") or {},
@@ -62,13 +86,17 @@ class Checkpointer:
           "a new --workdir, or delete the bad step directory.") from e
     return restored["state"]
 
-  def save(self, step: int, state, extra: dict | None = None) -> bool:
-    """Saves `state` as `step` (asynchronously)."""
-    meta = {"fingerprint": self.fingerprint, "step": step, **(extra or {})}
+  def save(self, step: int, state, metrics: dict | None = None) -> bool:
+    """Saves `state` as `step` (asynchronously), with its eval `metrics` (the
+    best manager ranks by them)."""
+    meta = {"fingerprint": self.fingerprint, "step": step}
+    if metrics:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      meta["metrics"] = metrics
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),
-        force=True)
+        metrics=metrics, force=True)
 
   def close(self):
     """Waits for pending writes and releases the manager."""

@@ -2,9 +2,9 @@
 
   genimg train --config experiments/cnn.py --workdir DIR \
       [--config.batch_size=256 ...]
-  genimg eval --workdir DIR
+  genimg eval --workdir DIR [--checkpoint latest|best|STEP]
   genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
-      [--sampler ddim --steps 50 --eta 0 --guidance 1]
+      [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1]
   genimg export-features --workdir DIR --output FILE
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
 """
@@ -40,8 +40,10 @@ def _parser():
                      help="an experiments/*.py file with get_config()")
   train.add_argument("--workdir", required=True,
                      help="checkpoints, logs and samples go here")
-  evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint")
+  evaluate = sub.add_parser("eval", help="evaluate a checkpoint")
   evaluate.add_argument("--workdir", required=True)
+  evaluate.add_argument("--checkpoint", default="latest",
+                        help="latest, best (lowest FID so far) or a step")
   sample = sub.add_parser(
       "sample", help="write samples of the latest checkpoint (GAN, VAE, "
                      "diffusion) as a PNG grid or an .npz of uint8 images")
@@ -51,6 +53,8 @@ def _parser():
                       help="FILE.png: a grid (<= 1,024 images); FILE.npz: "
                            "uint8 NHWC arr_0 (and labels if conditional)")
   sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--checkpoint", default="latest",
+                      help="latest, best (lowest FID so far) or a step")
   sample.add_argument("--sampler", default=None,
                       help="diffusion: ddpm or ddim; flow: euler or heun "
                            "(default: the run's)")
@@ -106,11 +110,12 @@ def main(argv=None) -> int:
           config_lib.load_config_file(args.config), overrides)
       _, metrics = train.train_and_evaluate(config, args.workdir)
     elif args.command == "eval":
-      metrics = train.evaluate_workdir(args.workdir, overrides)
+      metrics = train.evaluate_workdir(args.workdir, overrides,
+                                       args.checkpoint)
     elif args.command == "sample":
       metrics = train.sample_workdir(
           args.workdir, args.num, args.output, args.seed, overrides,
-          sampler=args.sampler, steps=args.steps, eta=args.eta,
+          args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
           guidance_scale=args.guidance)
     elif args.command == "export-features":
       metrics = train.export_feature_network(args.workdir, args.output)

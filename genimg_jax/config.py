@@ -24,28 +24,64 @@ class ConfigError(ValueError):
 
 def split_config_arg(path: str) -> tuple[str, str]:
   """"experiments/x.py:ARG" -> ("experiments/x.py", "ARG"); no colon: ""."""
-  if not os.path.isfile(path) and ":" in path:
+  if not os.path.isfile(path) and ":" in os.path.basename(path):
     path, arg = path.rsplit(":", 1)
     return path, arg
   return path, ""
 
 
+def packaged_experiments_dir() -> str:
+  """The directory of the experiment configs installed with genimg_jax (the
+  repo's experiments/, shipped in the wheel as genimg_jax.experiments)."""
+  import genimg_jax.experiments  # pylint: disable=g-import-not-at-top
+  return os.path.dirname(os.path.abspath(genimg_jax.experiments.__file__))
+
+
+def resolve_config_path(path: str) -> str:
+  """`path` if it is a file, else the installed config of that name
+  ("ddpm", "ddpm.py" or "experiments/ddpm.py"), else ConfigError."""
+  if os.path.isfile(path):
+    return path
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else name + ".py"
+  packaged = os.path.join(packaged_experiments_dir(), name)
+  if os.path.isfile(packaged):
+    return packaged
+  configs = sorted(f[:-3] for f in os.listdir(packaged_experiments_dir())
+                   if f.endswith(".py") and f not in ("__init__.py",
+                                                      "common.py"))
+  raise ConfigError(
+      f"Config file {path!r} does not exist, and no installed config is named "
+      f"{name!r}. Pass a config file, or the name of one of {configs}: for "
+      "example --config cnn (or experiments/cnn.py:mnist for another data "
+      "set).")
+
+
+def _make_experiments_importable(config_dir: str) -> None:
+  """Configs import their siblings as `from experiments import common`: put
+  the directory above `config_dir` on sys.path, or, for the installed
+  configs, alias `experiments` to genimg_jax.experiments."""
+  if config_dir == packaged_experiments_dir() and (
+      "experiments" not in sys.modules
+      and importlib.util.find_spec("experiments") is None):
+    import genimg_jax.experiments  # pylint: disable=g-import-not-at-top
+    sys.modules["experiments"] = genimg_jax.experiments
+    return
+  root = os.path.dirname(config_dir)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Imports `path` and returns its `get_config()`, locked against new keys.
 
-  `path` may end in `:ARG` (ml_collections style): then `get_config(ARG)`,
-  e.g. experiments/dcgan.py:cifar10,full.
+  `path` is a config file or the name of an installed one (see
+  `resolve_config_path`), and may end in `:ARG` (ml_collections style): then
+  `get_config(ARG)`, e.g. experiments/dcgan.py:cifar10,full or dcgan:cifar10.
   """
   path, arg = split_config_arg(path)
-  if not os.path.isfile(path):
-    raise ConfigError(
-        f"Config file {path!r} does not exist. Pass a file from experiments/, "
-        "for example --config experiments/cnn.py (or experiments/cnn.py:mnist "
-        "for another data set).")
-  # Configs import their siblings as `from experiments import common`.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
+  path = resolve_config_path(path)
+  _make_experiments_importable(os.path.dirname(os.path.abspath(path)))
   spec = importlib.util.spec_from_file_location("genimg_experiment_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -136,7 +172,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "num_epochs", "eval_every", "eval_samples",
     "eval_batch_size", "feature_network", "log_every", "checkpoint_every",
-    "keep_checkpoints", "mesh.num_devices", "data.idx_dir",
+    "keep_checkpoints", "compilation_cache_dir", "mesh.num_devices", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory",
     "data.eval_split", "vae.iw_samples", "gan.skip_nonfinite",
     "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",

@@ -55,6 +55,20 @@ def save_grids(sample_dir: str, grids: dict, step: int) -> None:
               columns)
 
 
+def read_grids(sample_dir: str, step: int) -> dict:
+  """{name: uint8 [H, W, C]} of the grids `save_grids` wrote at `step`."""
+  suffix = f"_{step:06d}.png"
+  if not os.path.isdir(sample_dir):
+    return {}
+  grids = {}
+  for filename in sorted(os.listdir(sample_dir)):
+    if filename.endswith(suffix):
+      image = np.asarray(Image.open(os.path.join(sample_dir, filename)))
+      grids[filename[:-len(suffix)]] = (image[..., None] if image.ndim == 2
+                                        else image)
+  return grids
+
+
 def slerp(z0: jax.Array, z1: jax.Array, num: int) -> jax.Array:
   """Spherical interpolation between latents z0, z1 [Z] -> [num, Z]."""
   t = jnp.linspace(0.0, 1.0, num)[:, None]

@@ -8,21 +8,39 @@ import jax.numpy as jnp
 import optax
 
 
-def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
-  """An optax optimizer from `opt_config` (name, learning_rate, schedule, ...).
-
-  `opt_config.schedule` is "constant" or "cosine" (linear warm-up over
-  `warmup_steps`, then cosine decay to 0 at `num_steps`).
-  """
+def learning_rate_schedule(opt_config, num_steps: int):
+  """The learning rate of `opt_config`: a float ("constant") or an optax
+  schedule ("cosine": linear warm-up over `warmup_steps`, then cosine decay
+  to 0 at `num_steps`)."""
   if opt_config.schedule == "constant":
-    lr = opt_config.learning_rate
-  elif opt_config.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(
+    return opt_config.learning_rate
+  if opt_config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
         0.0, opt_config.learning_rate, opt_config.warmup_steps,
         max(num_steps, opt_config.warmup_steps + 1))
+  raise ValueError(f"Unknown optimizer.schedule {opt_config.schedule!r}; "
+                   "use 'constant' or 'cosine'.")
+
+
+def learning_rates(optimizer_config, num_steps: int, step: int) -> dict:
+  """{name: learning rate} used by the update at `step`: "learning_rate" for
+  one optimizer, "learning_rate_NAME" for each of several (GANs' generator
+  and discriminator)."""
+  if "schedule" in optimizer_config:
+    named = {"": optimizer_config}
   else:
-    raise ValueError(f"Unknown optimizer.schedule {opt_config.schedule!r}; "
-                     "use 'constant' or 'cosine'.")
+    named = {f"_{k}": v for k, v in optimizer_config.items()}
+  rates = {}
+  for suffix, opt_config in named.items():
+    lr = learning_rate_schedule(opt_config, num_steps)
+    rates["learning_rate" + suffix] = float(lr(step) if callable(lr) else lr)
+  return rates
+
+
+def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
+  """An optax optimizer from `opt_config` (name, learning_rate, schedule:
+  see `learning_rate_schedule`, b1, b2, momentum, weight_decay, grad_clip)."""
+  lr = learning_rate_schedule(opt_config, num_steps)
   if opt_config.name == "adam":
     tx = optax.adamw(lr, b1=opt_config.b1, b2=opt_config.b2,
                      weight_decay=opt_config.weight_decay)

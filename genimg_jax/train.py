@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from genimg_jax import checkpoint, classifier, config as config_lib, data
-from genimg_jax import diffusion, gan, metrics_writer, parallel
+from genimg_jax import diffusion, gan, images as images_lib, metrics_writer
+from genimg_jax import optim, parallel
 from genimg_jax import preemption as preemption_lib, vae
 
 FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae,
@@ -63,6 +64,71 @@ def compile_train_step(config, mesh):
                  donate_argnums=0)
 
 
+def parameter_counts(state) -> dict[str, int]:
+  """{module path: parameter count} of the trained parameters in `state`
+  (every `params` collection, e.g. `g/Generator_0/ConvTranspose_0` for a
+  GAN; EMA copies and optimizer state excluded), at the top module level."""
+  counts = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    keys = [str(getattr(k, "name", getattr(k, "key", k))) for k in path]
+    if "params" not in keys:
+      continue
+    at = keys.index("params")
+    name = "/".join(keys[:at] + keys[at + 1:at + 2])
+    counts[name] = counts.get(name, 0) + int(np.prod(leaf.shape))
+  return counts
+
+
+class CompileCacheCounter:
+  """Counts JAX's persistent compilation cache hits and misses (listens to
+  jax.monitoring events from the first instance on)."""
+  hits = misses = 0
+  _listening = False
+
+  def __init__(self):
+    if not CompileCacheCounter._listening:
+      jax.monitoring.register_event_listener(CompileCacheCounter._on_event)
+      CompileCacheCounter._listening = True
+    self._start = (CompileCacheCounter.hits, CompileCacheCounter.misses)
+
+  @staticmethod
+  def _on_event(event, **kwargs):
+    del kwargs
+    if event == "/jax/compilation_cache/cache_hits":
+      CompileCacheCounter.hits += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+      CompileCacheCounter.misses += 1
+
+  def counts(self) -> tuple[int, int]:
+    """(hits, misses) since this counter was made."""
+    return (CompileCacheCounter.hits - self._start[0],
+            CompileCacheCounter.misses - self._start[1])
+
+
+def setup_compilation_cache(config, workdir: str) -> str:
+  """Turns on JAX's persistent compilation cache, so a restarted run loads
+  its compiled steps instead of recompiling; returns its directory ("" when
+  off). config.compilation_cache_dir: "" (default) keeps a directory set by
+  JAX_COMPILATION_CACHE_DIR, else uses WORKDIR/compilation_cache; "off"
+  leaves the cache as JAX has it. Call before anything is compiled."""
+  directory = config.get("compilation_cache_dir", "")
+  if directory == "off":
+    return jax.config.jax_compilation_cache_dir or ""
+  if not directory:
+    directory = jax.config.jax_compilation_cache_dir
+    # Several processes get the cache only where it is set explicitly (they
+    # would otherwise all write WORKDIR/compilation_cache at once).
+    if not directory and jax.process_count() == 1:
+      directory = os.path.join(os.path.abspath(workdir), "compilation_cache")
+    if not directory:
+      return ""
+  if directory != jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    from jax.experimental import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.compilation_cache.reset_cache()
+  return directory
+
+
 def check_finite(step: int, metrics: dict) -> None:
   """Raises FloatingPointError naming the step and metric that is not finite."""
   for name, value in metrics.items():
@@ -86,6 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _train_and_evaluate(config, workdir, stop_at_step):
+  cache_dir = setup_compilation_cache(config, workdir)
+  cache_counter = CompileCacheCounter()
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_global_batch(config.batch_size, mesh)
   train_source = data.load_split(config.data, "train")
@@ -99,6 +167,11 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
+  # Opened by every process together, before any evaluation, when the
+  # evaluation computes an FID.
+  best_ckpt = None
+  if config.get("feature_network") and config.get("eval_samples"):
+    best_ckpt = checkpoint.Checkpointer(workdir, ckpt.fingerprint, best=True)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -108,6 +181,13 @@ def _train_and_evaluate(config, workdir, stop_at_step):
                                                    workdir)
   step_rng = parallel.replicate(step_rng, mesh)
   writer = metrics_writer.MetricWriter(workdir)
+  writer.write_hparams(config)
+  if jax.process_index() == 0:
+    counts = parameter_counts(state)
+    width = max(map(len, counts))
+    print(f"{sum(counts.values()):,} parameters:\n" + "\n".join(
+        f"  {name:<{width}} {n:>12,}" for name, n in counts.items()),
+          flush=True)
   progress = tqdm(total=num_steps, initial=start_step, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True,
                   mininterval=1 if sys.stderr.isatty() else 30)
@@ -136,6 +216,10 @@ def _train_and_evaluate(config, workdir, stop_at_step):
                                 if "loss" in k or k == "accuracy"},
                                refresh=False)
         pending = (step + 1, metrics)  # Logged as the step count after it.
+        if step == start_step and cache_dir:
+          hits, misses = cache_counter.counts()
+          progress.write(f"Compilation cache {cache_dir}: {hits} hits, "
+                         f"{misses} misses.")
         progress.update(1)
         window_steps += 1
         done = step + 1
@@ -146,6 +230,8 @@ def _train_and_evaluate(config, workdir, stop_at_step):
           writer.write(done, {"steps_per_s": window_steps / seconds,
                               "images_per_s": window_steps * config.batch_size
                                               / seconds}, prefix="speed")
+          writer.write(done, optim.learning_rates(config.optimizer, num_steps,
+                                                  done - 1), prefix="optimizer")
           window_start, window_steps = time.perf_counter(), 0
         if done % config.checkpoint_every == 0 or done == num_steps or stopping:
           flush_pending()  # Never checkpoint a state whose loss is NaN.
@@ -155,6 +241,10 @@ def _train_and_evaluate(config, workdir, stop_at_step):
             done == num_steps):
           eval_metrics = evaluator(state, done)
           writer.write(done, eval_metrics, prefix="eval")
+          if best_ckpt is not None and checkpoint.BEST_METRIC in eval_metrics:
+            best_ckpt.save(done, state, eval_metrics)
+          writer.write_images(done, images_lib.read_grids(
+              os.path.join(workdir, "samples"), done))
           progress.write(f"step {done}: eval " + ", ".join(
               f"{k}={v:.4f}" for k, v in eval_metrics.items()))
         if stopping:
@@ -168,14 +258,20 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     progress.close()
     writer.close()
     ckpt.close()
+    if best_ckpt is not None:
+      best_ckpt.close()
   if eval_metrics and jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump({"step": int(jax.device_get(state.step)), **eval_metrics}, f)
   return state, eval_metrics
 
 
-def restore_workdir(workdir: str, overrides=()):
-  """(config, mesh, state) of the latest checkpoint in a `genimg train` workdir."""
+def restore_workdir(workdir: str, overrides=(), which: str = "latest"):
+  """(config, mesh, state) of a checkpoint in a `genimg train` workdir.
+
+  which: "latest", "best" (the lowest FID of the evaluations so far, kept in
+  WORKDIR/checkpoints_best) or a step number.
+  """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise checkpoint.CheckpointError(
@@ -184,12 +280,25 @@ def restore_workdir(workdir: str, overrides=()):
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config = config_lib.apply_overrides(config, overrides)
+  setup_compilation_cache(config, workdir)
   mesh = parallel.make_mesh(config.mesh.num_devices)
   state = init_state(config, mesh, jax.random.key(0), 1)
+  if which not in ("latest", "best") and not which.isdigit():
+    raise config_lib.ConfigError(
+        f"--checkpoint {which!r}: use latest, best or a step number.")
   ckpt = checkpoint.Checkpointer(workdir, config_lib.model_fingerprint(config),
-                                 config.keep_checkpoints)
+                                 config.keep_checkpoints,
+                                 best=which == "best")
   try:
-    state = ckpt.restore_latest(state)
+    step = int(which) if which.isdigit() else None
+    if which == "best":
+      step = ckpt.best_step()
+      if step is None:
+        raise checkpoint.CheckpointError(
+            f"{workdir!r} has no best checkpoint: one is kept at each "
+            "evaluation that computes an FID (set config.feature_network "
+            "and eval_samples).")
+    state = ckpt.restore_latest(state, step)
   finally:
     ckpt.close()
   if state is None:
@@ -197,9 +306,11 @@ def restore_workdir(workdir: str, overrides=()):
   return config, mesh, state
 
 
-def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
-  """Restores the latest checkpoint of `workdir` and evaluates it."""
-  config, mesh, state = restore_workdir(workdir, overrides)
+def evaluate_workdir(workdir: str, overrides=(),
+                     which: str = "latest") -> dict[str, float]:
+  """Restores a checkpoint of `workdir` (see `restore_workdir`) and
+  evaluates it."""
+  config, mesh, state = restore_workdir(workdir, overrides, which)
   eval_source = data.load_split(config.data, config.data.eval_split)
   step = int(jax.device_get(state.step))
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
@@ -208,14 +319,15 @@ def evaluate_workdir(workdir: str, overrides=()) -> dict[str, float]:
 
 
 def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
-                   overrides=(), **sampler_options) -> dict:
+                   overrides=(), which: str = "latest",
+                   **sampler_options) -> dict:
   """Writes `num` samples of the latest checkpoint of a generative `workdir`
   to `output`: a PNG grid (FILE.png, at most 1,024 images) or uint8 NHWC
   images as `arr_0` in an .npz (FILE.npz, the layout clean-fid, torch-fidelity
   and the ADM evaluation suite read; `labels` too, for class-conditional
   runs). sampler_options (diffusion only): sampler, steps, eta,
-  guidance_scale; None keeps the run's. Every process samples; process 0
-  writes."""
+  guidance_scale; None keeps the run's. which: the checkpoint (see
+  `restore_workdir`). Every process samples; process 0 writes."""
   if not output.endswith((".png", ".npz")):
     raise config_lib.ConfigError(
         f"--output {output!r} must end in .png (a grid) or .npz (arrays).")
@@ -223,7 +335,7 @@ def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
     raise config_lib.ConfigError(
         f"--num {num}: a PNG grid takes 1 to 1,024 images; write more to an "
         ".npz file.")
-  config, mesh, state = restore_workdir(workdir, overrides)
+  config, mesh, state = restore_workdir(workdir, overrides, which)
   family = family_module(config)
   if not hasattr(family, "sample_images"):
     raise config_lib.ConfigError(

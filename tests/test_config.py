@@ -109,3 +109,13 @@ def test_overrides_leave_the_original_config_alone():
   config = config_lib.load_config_file(DCGAN)
   config_lib.apply_overrides(config, ["gan.loss=hinge"])
   assert config.gan.loss == "non_saturating"
+
+
+def test_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  by_name = config_lib.load_config_file("dcgan:cifar10")
+  assert by_name.data.name == "cifar10"
+  assert by_name == config_lib.load_config_file(
+      os.path.join(REPO, "experiments", "dcgan.py:cifar10"))
+  with pytest.raises(config_lib.ConfigError, match="'ddpm'"):
+    config_lib.load_config_file("no_such_config")

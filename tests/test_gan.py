@@ -1,5 +1,6 @@
 """GANs: models, losses, the gradient penalty, the step, resume, evaluation."""
 
+import json
 import os
 
 import flax
@@ -218,14 +219,25 @@ def test_gan_evaluation_writes_grids_and_fid(tmp_path, idx_dir):
   path = str(tmp_path / "net.msgpack")
   _tiny_feature_network(path, idx_dir)
   config = _tiny_gan(idx_dir, **{"eval_samples": 64, "num_steps": 2,
-                                 "gan.conditional": True,
+                                 "eval_every": 1, "gan.conditional": True,
                                  "feature_network": path})
   workdir = str(tmp_path / "run")
   state, metrics = train.train_and_evaluate(config, workdir)
   assert metrics["fid"] > 0 and 1.0 <= metrics["score"] <= 10.0
+  # The checkpoint of the lower FID is kept besides the latest, and
+  # `eval --checkpoint best` evaluates it.
+  fids = {r["step"]: r["fid"] for r in map(json.loads, open(os.path.join(
+      workdir, "metrics.jsonl"))) if r["split"] == "eval"}
+  best_step = min(fids, key=fids.get)
+  assert os.listdir(os.path.join(workdir, "checkpoints_best")) == [
+      str(best_step)]
+  best = train.evaluate_workdir(workdir, which="best")
+  assert best["step"] == best_step
+  assert best["fid"] == pytest.approx(fids[best_step], rel=1e-4)
   names = sorted(os.listdir(os.path.join(workdir, "samples")))
-  assert names == ["classes_000002.png", "interp_000002.png",
-                   "step_000002.png"]
+  assert names == ["classes_000001.png", "classes_000002.png",
+                   "interp_000001.png", "interp_000002.png",
+                   "step_000001.png", "step_000002.png"]
   # The grid is the EMA generator's, with its own standing statistics.
   state, mesh = jax.device_get(state), parallel.make_mesh()
   stats = gan.make_ema_batch_stats(config, mesh)(state, parallel.replicate(
