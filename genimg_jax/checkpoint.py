@@ -3,16 +3,25 @@
 The data position needs no saving: batches are a function of (seed, step).
 The JSON record holds the model fingerprint, so a workdir holding another
 model's checkpoint fails with a clear error instead of starting afresh.
+
+A workdir is a local directory or any URL `etils.epath` opens (gs://,
+s3://: the bucket workdirs of TPU VMs; gs:// needs gcsfs, which the [tpu]
+and [gcs] extras install). Orbax writes checkpoints to it itself.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import socket
+import time
+import uuid
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from genimg_jax import config as config_lib
 
@@ -26,6 +35,18 @@ class CheckpointError(RuntimeError):
 BEST_METRIC = "fid"
 
 
+def is_url(path: str) -> bool:
+  return "://" in str(path)
+
+
+def workdir_path(workdir: str, *names: str) -> str:
+  """`names` joined under `workdir`: a URL stays a URL, a local path is made
+  absolute."""
+  if is_url(workdir):
+    return "/".join([str(workdir).rstrip("/"), *names])
+  return os.path.join(os.path.abspath(workdir), *names)
+
+
 class Checkpointer:
   """Saves the steps the trainer asks for; keeps the last `keep`.
 
@@ -36,8 +57,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, fingerprint: dict, keep: int = 3,
                best: bool = False):
-    self.directory = os.path.abspath(os.path.join(
-        workdir, "checkpoints_best" if best else "checkpoints"))
+    self.directory = workdir_path(
+        workdir, "checkpoints_best" if best else "checkpoints")
     self.fingerprint = fingerprint
     if best:
       options = ocp.CheckpointManagerOptions(
@@ -107,17 +128,30 @@ class Checkpointer:
 class WorkdirLock:
   """An exclusive lock on a workdir, so two runs cannot both write to it.
 
-  `fcntl.flock` on workdir/.lock: the kernel releases it when the process
-  dies, even by SIGKILL, so a crashed run never leaves a stale lock. Only
-  process 0 of a multi-host run takes it.
+  Local workdirs: `fcntl.flock` on workdir/.lock; the kernel releases it when
+  the process dies, even by SIGKILL, so a crashed run never leaves a stale
+  lock. URL workdirs (a bucket has no flock): a lock object workdir/.lock
+  holding the writer's host, pid, start time and a random token, deleted at
+  exit. A run finding it held refuses to start unless the holder is a dead
+  process of the same host (a run killed by SIGKILL); a holder on another
+  host cannot be checked, so the error says to delete the object once that
+  run is known to be gone (e.g. a preempted VM's). Two runs starting within
+  the same second can both pass (the object is written, then read back to
+  check the token; object stores give no compare-and-swap through fsspec).
+  Only process 0 of a multi-host run takes the lock.
   """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
+    self.path = workdir_path(workdir, ".lock")
+    self.workdir = workdir
     self._file = None
+    self._token = None
 
   def __enter__(self):
     if jax.process_index() != 0:
+      return self
+    if is_url(self.path):
+      self._take_lock_object()
       return self
     self._file = open(self.path, "a+")
     try:
@@ -130,7 +164,7 @@ class WorkdirLock:
       if e.errno in (errno.EAGAIN, errno.EACCES):
         raise CheckpointError(
             f"Another run (pid {owner}) is using the workdir "
-            f"{os.path.dirname(self.path)!r}. Wait for it to finish, stop it, "
+            f"{self.workdir!r}. Wait for it to finish, stop it, "
             "or pass a different --workdir.") from None
       raise
     self._file.seek(0)
@@ -139,28 +173,79 @@ class WorkdirLock:
     self._file.flush()
     return self
 
+  def _take_lock_object(self):
+    lock = epath.Path(self.path)
+    if lock.exists():
+      try:
+        holder = json.loads(lock.read_text())
+      except ValueError:
+        holder = {}
+      if not _is_dead_local_process(holder):
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                              time.gmtime(holder.get("time", 0)))
+        raise CheckpointError(
+            f"Another run (host {holder.get('host', '?')}, pid "
+            f"{holder.get('pid', '?')}, since {since}) holds the workdir "
+            f"{self.workdir!r}: its lock object {self.path} exists. Wait for "
+            "it to finish, stop it, or pass a different --workdir. If that "
+            "run is gone (a preempted or deleted VM), delete the lock object "
+            f"(gcloud storage rm {self.path}) and start again.")
+    self._token = uuid.uuid4().hex
+    lock.write_text(json.dumps({"host": socket.gethostname(),
+                                "pid": os.getpid(), "time": time.time(),
+                                "token": self._token}))
+    if json.loads(lock.read_text()).get("token") != self._token:
+      self._token = None
+      raise CheckpointError(
+          f"Another run took the lock object {self.path} at the same time; "
+          "start only one run per --workdir.")
+
   def __exit__(self, *exc):
     if self._file is not None:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
       self._file = None
+    if self._token is not None:
+      lock = epath.Path(self.path)
+      try:
+        if json.loads(lock.read_text()).get("token") == self._token:
+          lock.unlink()
+      except (OSError, ValueError):
+        pass  # Gone or replaced: not ours to delete.
+      self._token = None
+
+
+def _is_dead_local_process(holder: dict) -> bool:
+  """Whether a lock holder {host, pid} is a process of this host that no
+  longer runs."""
+  if holder.get("host") != socket.gethostname() or "pid" not in holder:
+    return False
+  try:
+    os.kill(int(holder["pid"]), 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    return False
+  return False
 
 
 def check_writable(workdir: str) -> None:
   """Raises CheckpointError if `workdir` cannot be created or written."""
-  if "://" in workdir:
-    raise CheckpointError(
-        f"The workdir {workdir!r} is a URL; genimg writes its workdir through "
-        "the local file system (the run lock needs flock). On several hosts "
-        "pass a directory of a shared file system that every host mounts "
-        "(e.g. Filestore/NFS at /mnt/shared/run).")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write_test_{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+    if isinstance(e, KeyError) and is_url(workdir):  # No epath class for it.
+      reason = ("etils.epath opens gs://, s3://, az:// and hf:// URLs and "
+                "local paths only")
+    hint = (" For gs:// install gcsfs (pip install 'genimg-jax[gcs]') and "
+            "check the VM's service account can write the bucket."
+            if is_url(workdir) else "")
     raise CheckpointError(
-        f"Cannot write to the workdir {workdir!r} ({e.strerror}). Pass a "
-        "writable --workdir with free space; nothing was trained.") from None
+        f"Cannot write to the workdir {workdir!r} ({reason}). Pass a "
+        f"writable --workdir with free space; nothing was trained.{hint}"
+        ) from None

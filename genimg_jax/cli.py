@@ -6,6 +6,7 @@
   genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
       [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1]
   genimg export-features --workdir DIR --output FILE
+  genimg compile --config experiments/ddpm.py [--topology v5e:4x4]
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
 """
 
@@ -72,6 +73,15 @@ def _parser():
   export.add_argument("--output", required=True,
                       help="FILE (msgpack); FILE.json gets shapes and SHA-256;"
                            " use with --config.feature_network=FILE")
+  aot = sub.add_parser(
+      "compile", help="compile the train step ahead of time (for a TPU "
+                      "topology: needs libtpu, no TPU) and print per-device "
+                      "memory and FLOPs")
+  aot.add_argument("--config", required=True,
+                   help="an experiments/*.py file or a config name")
+  aot.add_argument("--topology", default="",
+                   help="e.g. v5e:4x4, v4:2x2x2 (default: this machine's "
+                        "devices)")
   bench = sub.add_parser("bench", help="time compiled train steps")
   bench.add_argument("--model", default="cnn",
                      help="comma-separated model names, or all")
@@ -117,6 +127,11 @@ def main(argv=None) -> int:
           args.workdir, args.num, args.output, args.seed, overrides,
           args.checkpoint, sampler=args.sampler, steps=args.steps, eta=args.eta,
           guidance_scale=args.guidance)
+    elif args.command == "compile":
+      from genimg_jax import aot  # pylint: disable=g-import-not-at-top
+      config = config_lib.apply_overrides(
+          config_lib.load_config_file(args.config), overrides)
+      metrics = aot.run(config, args.topology or None)
     elif args.command == "export-features":
       metrics = train.export_feature_network(args.workdir, args.output)
     else:

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -40,9 +41,11 @@ def save_grid(path: str, images_NHWC: np.ndarray, columns: int,
   if scale > 1:
     image = image.resize((image.width * scale, image.height * scale),
                          Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  image.save(path)
-  return path
+  path = epath.Path(path)  # A local path or a URL (gs://...).
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    image.save(f, format="PNG")
+  return os.fspath(path)
 
 
 def save_grids(sample_dir: str, grids: dict, step: int) -> None:
@@ -58,14 +61,16 @@ def save_grids(sample_dir: str, grids: dict, step: int) -> None:
 def read_grids(sample_dir: str, step: int) -> dict:
   """{name: uint8 [H, W, C]} of the grids `save_grids` wrote at `step`."""
   suffix = f"_{step:06d}.png"
-  if not os.path.isdir(sample_dir):
+  sample_dir = epath.Path(sample_dir)
+  if not sample_dir.is_dir():
     return {}
   grids = {}
-  for filename in sorted(os.listdir(sample_dir)):
-    if filename.endswith(suffix):
-      image = np.asarray(Image.open(os.path.join(sample_dir, filename)))
-      grids[filename[:-len(suffix)]] = (image[..., None] if image.ndim == 2
-                                        else image)
+  for path in sorted(sample_dir.iterdir()):
+    if path.name.endswith(suffix):
+      with path.open("rb") as f:
+        image = np.asarray(Image.open(f))
+      grids[path.name[:-len(suffix)]] = (image[..., None] if image.ndim == 2
+                                         else image)
   return grids
 
 

@@ -4,14 +4,62 @@ TensorBoard gets the scalars (SCALARS), the sample grids (IMAGES) and the
 run's configuration (HPARAMS: each flattened config field, so runs can be
 compared by their settings against their eval/* metrics). Only process 0
 writes; other processes get a writer that does nothing.
+
+A URL workdir (gs://...) gets both files through `etils.epath`; object
+stores cannot append, so each file is uploaded whole at most once a minute,
+and at flush and close.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
+from etils import epath
+
+from genimg_jax import checkpoint
+
+UPLOAD_EVERY_S = 60.0
+
+
+class ObjectAppender:
+  """An append-only file at a URL: the bytes are kept and the object is
+  rewritten whole (at most every `UPLOAD_EVERY_S`, at flush and close).
+  Continues an object that exists (a resumed run's metrics.jsonl)."""
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._data = bytearray(self._path.read_bytes() if self._path.exists()
+                           else b"")
+    self._dirty = False
+    self._uploaded_at = time.monotonic()
+
+  def write(self, data) -> None:
+    self._data += data.encode() if isinstance(data, str) else data
+    self._dirty = True
+    if time.monotonic() - self._uploaded_at > UPLOAD_EVERY_S:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._dirty:
+      self._path.write_bytes(bytes(self._data))
+      self._dirty = False
+      self._uploaded_at = time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectRecordWriterFactory:
+  """tensorboardX's hook for event files at URLs, through epath."""
+
+  def open(self, path):
+    return ObjectAppender(path)
+
+  def directory_check(self, path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
 class MetricWriter:
@@ -21,9 +69,15 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
+    jsonl = checkpoint.workdir_path(workdir, "metrics.jsonl")
+    if checkpoint.is_url(workdir):
+      record_writer.register_writer_factory(workdir.split("://")[0],
+                                            _ObjectRecordWriterFactory())
+      self._jsonl = ObjectAppender(jsonl)
+    else:
+      self._jsonl = open(jsonl, "a")
     self._tb = SummaryWriter(logdir=workdir)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
   def write(self, step: int, scalars: dict, prefix: str = "train") -> None:
     if not self.enabled:

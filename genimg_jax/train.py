@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from genimg_jax import checkpoint, classifier, config as config_lib, data
@@ -119,7 +119,7 @@ def setup_compilation_cache(config, workdir: str) -> str:
     # Several processes get the cache only where it is set explicitly (they
     # would otherwise all write WORKDIR/compilation_cache at once).
     if not directory and jax.process_count() == 1:
-      directory = os.path.join(os.path.abspath(workdir), "compilation_cache")
+      directory = checkpoint.workdir_path(workdir, "compilation_cache")
     if not directory:
       return ""
   if directory != jax.config.jax_compilation_cache_dir:
@@ -174,8 +174,8 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     best_ckpt = checkpoint.Checkpointer(workdir, ckpt.fingerprint, best=True)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    epath.Path(checkpoint.workdir_path(workdir, "config.json")).write_text(
+        config.to_json_best_effort(indent=2))
   train_step = compile_train_step(config, mesh)
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
                                                    workdir)
@@ -244,7 +244,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
           if best_ckpt is not None and checkpoint.BEST_METRIC in eval_metrics:
             best_ckpt.save(done, state, eval_metrics)
           writer.write_images(done, images_lib.read_grids(
-              os.path.join(workdir, "samples"), done))
+              checkpoint.workdir_path(workdir, "samples"), done))
           progress.write(f"step {done}: eval " + ", ".join(
               f"{k}={v:.4f}" for k, v in eval_metrics.items()))
         if stopping:
@@ -261,8 +261,8 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     if best_ckpt is not None:
       best_ckpt.close()
   if eval_metrics and jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump({"step": int(jax.device_get(state.step)), **eval_metrics}, f)
+    epath.Path(checkpoint.workdir_path(workdir, "eval.json")).write_text(
+        json.dumps({"step": int(jax.device_get(state.step)), **eval_metrics}))
   return state, eval_metrics
 
 
@@ -272,13 +272,12 @@ def restore_workdir(workdir: str, overrides=(), which: str = "latest"):
   which: "latest", "best" (the lowest FID of the evaluations so far, kept in
   WORKDIR/checkpoints_best) or a step number.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
+  config_path = epath.Path(checkpoint.workdir_path(workdir, "config.json"))
+  if not config_path.is_file():
     raise checkpoint.CheckpointError(
         f"{workdir!r} holds no config.json: it is not a genimg workdir. Pass "
         "the --workdir of a `genimg train` run.")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   config = config_lib.apply_overrides(config, overrides)
   setup_compilation_cache(config, workdir)
   mesh = parallel.make_mesh(config.mesh.num_devices)
@@ -355,7 +354,8 @@ def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
                                 **sampler_options)
   seconds = time.perf_counter() - start
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    output_path = epath.Path(output)  # A local path or a URL.
+    output_path.parent.mkdir(parents=True, exist_ok=True)
     if output.endswith(".png"):
       from genimg_jax import images as images_lib  # pylint: disable=g-import-not-at-top
       images_lib.save_grid(output, images, min(num, 10 if
@@ -364,7 +364,8 @@ def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
       arrays = {"arr_0": images}
       if config.get(config.family, {}).get("conditional", False):
         arrays["labels"] = labels
-      np.savez(output, **arrays)
+      with output_path.open("wb") as f:
+        np.savez(f, **arrays)
   return {"step": int(jax.device_get(state.step)), "output": output,
           "num": num, "seconds": round(seconds, 2),
           "images_per_s": round(num / seconds, 2)}

@@ -186,9 +186,11 @@ def test_unwritable_workdir(tmp_path, idx_dir):
     train.train_and_evaluate(tiny_config(idx_dir), str(blocker / "run"))
 
 
-def test_url_workdir_is_refused_with_advice(idx_dir):
-  with pytest.raises(checkpoint.CheckpointError, match="shared file system"):
-    train.train_and_evaluate(tiny_config(idx_dir), "gs://bucket/run")
+def test_a_url_epath_cannot_open_is_refused_before_training(idx_dir):
+  # (gs:// workdirs work: tests/test_bucket.py.)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"Cannot write to the workdir 'hdfs://.*opens gs://"):
+    train.train_and_evaluate(tiny_config(idx_dir), "hdfs://cluster/run")
 
 
 def test_full_disk_is_reported(tmp_path, idx_dir):
