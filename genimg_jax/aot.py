@@ -107,7 +107,16 @@ def run(config, topology: str | None) -> dict:
   """Compiles `config`'s train step for `topology` (None: this machine's
   devices), prints and returns what it costs each device."""
   devices = topology_devices(topology) if topology else jax.devices()
-  costs = step_costs(compile_train_step(config, devices))
+  try:
+    costs = step_costs(compile_train_step(config, devices))
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise ValueError(
+        f"The train step at global batch {config.batch_size} does not fit "
+        f"{len(devices)} x {devices[0].device_kind}: "
+        f"{str(e).strip().splitlines()[0]}\nLower --config.batch_size, or "
+        "use more devices.") from None
   costs.update(device_kind=devices[0].device_kind, devices=len(devices),
                hosts=len({d.process_index for d in devices}),
                batch_size=config.batch_size, topology=topology or "")

@@ -73,3 +73,19 @@ def test_cli_prints_the_costs(idx_dir, capsys):
 def test_a_topology_without_libtpu_says_what_to_install(capsys):
   assert cli.main(["compile", "--config", "cnn", "--topology", "v5e:2x2"]) == 2
   assert "libtpu" in capsys.readouterr().err
+
+
+def test_a_step_that_does_not_fit_is_a_clear_error(idx_dir, monkeypatch,
+                                                    capsys):
+  # XLA's TPU compiler's words for a step larger than HBM (as libtpu
+  # 0.0.42.1 printed them for the CNN at batch 2**20 on v5e:2x2).
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+             "required for HLO temporaries (74.98G) exceeds available HBM "
+             "(15.75G).")
+  def compile_fails(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(message)
+  monkeypatch.setattr(aot, "compile_train_step", compile_fails)
+  assert cli.main(["compile", "--config", "cnn",
+                   f"--config.data.idx_dir={idx_dir}"]) == 2
+  err = capsys.readouterr().err
+  assert "does not fit" in err and "74.98G" in err and "batch_size" in err
