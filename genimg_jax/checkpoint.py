@@ -234,7 +234,8 @@ def check_writable(workdir: str) -> None:
   try:
     directory = epath.Path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / f".write_test_{os.getpid()}"
+    # Every process probes; host and pid keep their probes apart.
+    probe = directory / f".write_test_{socket.gethostname()}_{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except

@@ -13,7 +13,6 @@ and at flush and close.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
