@@ -68,12 +68,7 @@ def lower_train_step(config, devices: list, num_steps: int = 1000):
   and their hosts.
   """
   mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
-  num_hosts = len({d.process_index for d in devices})
-  if config.batch_size % len(devices) or config.batch_size % num_hosts:
-    raise ValueError(
-        f"The global batch size {config.batch_size} is not divisible by the "
-        f"{len(devices)} devices ({num_hosts} hosts) of the mesh. Set "
-        f"--config.batch_size to a multiple of {len(devices)}.")
+  parallel.check_global_batch(config.batch_size, mesh)
   state, batch, rng = abstract_inputs(config, mesh, num_steps)
   return train.compile_train_step(config, mesh).lower(state, batch, rng)
 

@@ -40,12 +40,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_global_batch(global_batch: int, mesh: Mesh) -> None:
-  """Raises a ValueError unless the batch splits evenly over devices and hosts."""
+  """Raises a ValueError unless the batch splits evenly over the mesh's
+  devices and their hosts (those of a TPU topology too)."""
   n = mesh.devices.size
-  if global_batch % n or global_batch % jax.process_count():
+  hosts = len({d.process_index for d in mesh.devices.flat})
+  if global_batch % n or global_batch % hosts:
     raise ValueError(
         f"The global batch size {global_batch} is not divisible by the "
-        f"{n} devices of the mesh ({jax.process_count()} processes). Set "
+        f"{n} devices of the mesh ({hosts} processes). Set "
         f"--config.batch_size to a multiple of {n}, e.g. "
         f"{max(n, global_batch // n * n)}.")
 
