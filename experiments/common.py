@@ -29,6 +29,18 @@ GRAYSCALE = tuple(name for name, spec in DATASETS.items()
 FEATURE_NETWORKS = {"fashion_mnist": "fashion_mnist_resnet"}
 
 
+def set_sample_quality(config, dataset: str) -> None:
+  """FID, score, KID and precision/recall at evaluation: the shipped
+  feature network where there is one (10,000 samples), else none (0
+  samples). Elsewhere: --config.feature_network=inception:FILE (`genimg
+  convert-inception`) --config.eval_samples=50000, and optionally
+  --config.fid_stats=FILE.npz (mu, sigma: `genimg fid-stats` or
+  pytorch-fid's --save-stats) for FID against published statistics."""
+  config.feature_network = FEATURE_NETWORKS.get(dataset, "")
+  config.fid_stats = ""
+  config.eval_samples = 10000 if config.feature_network else 0
+
+
 def parse_arg(arg: str, datasets=tuple(DATASETS)) -> tuple[str, str]:
   """"DATASET[,VARIANT]" -> (dataset, variant), checked against `datasets`."""
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]

@@ -48,8 +48,7 @@ def get_config(arg=""):
   config.optimizer.generator = adam()
   config.optimizer.discriminator = adam()
 
-  config.feature_network = common.FEATURE_NETWORKS.get(dataset, "")
-  config.eval_samples = 10000 if config.feature_network else 0  # FID samples.
+  common.set_sample_quality(config, dataset)
   config.eval_batch_size = 512
   config.num_epochs = 0
   if variant == "local":

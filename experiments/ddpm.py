@@ -64,8 +64,7 @@ def get_config(arg=""):
       200 if local else 5000)
   config.optimizer.grad_clip = 1.0
 
-  config.feature_network = common.FEATURE_NETWORKS.get(dataset, "")
-  config.eval_samples = 10000 if config.feature_network else 0
+  common.set_sample_quality(config, dataset)
   config.eval_batch_size = 500
   config.num_epochs = 0
   if local:

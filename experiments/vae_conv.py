@@ -39,8 +39,7 @@ def get_config(arg=""):
 
   config.optimizer = common.get_optimizer_config()
 
-  config.feature_network = common.FEATURE_NETWORKS.get(dataset, "")
-  config.eval_samples = 10000 if config.feature_network else 0  # FID samples.
+  common.set_sample_quality(config, dataset)
   config.batch_size = 128
   config.eval_batch_size = 200
   config.num_steps = 0  # If > 0, overrides num_epochs.

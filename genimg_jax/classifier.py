@@ -33,7 +33,8 @@ class CNN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BHWC, train: bool = False, features: bool = False):
+  def __call__(self, x_BHWC, train: bool = False, features: bool = False,
+               with_logits: bool = False):
     x = x_BHWC.astype(self.dtype)
     x = layers.max_pool_2x2(nn.relu(nn.Conv(32, (3, 3), padding="VALID",
                                      dtype=self.dtype)(x)))
@@ -70,7 +71,8 @@ class ResNet(nn.Module):
   """A small ResNet for 28x28 / 32x32 images: stem, 3 stages, global pool.
 
   `features=True` returns the pooled penultimate activations [B, 4 * width],
-  the FID features of the sample-quality metrics.
+  the FID features of the sample-quality metrics; with `with_logits=True`
+  too, (features, logits) from one pass.
   """
   num_classes: int = 10
   width: int = 32
@@ -78,7 +80,8 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BHWC, train: bool = False, features: bool = False):
+  def __call__(self, x_BHWC, train: bool = False, features: bool = False,
+               with_logits: bool = False):
     x = x_BHWC.astype(self.dtype)
     x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
@@ -88,9 +91,10 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and block == 0 else 1
         x = ResidualBlock(self.width * 2**stage, strides, self.dtype)(x, train)
     x = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-    if features:
+    if features and not with_logits:
       return x
-    return nn.Dense(self.num_classes)(x)
+    logits = nn.Dense(self.num_classes)(x)
+    return (x, logits) if features else logits
 
 
 def make_model(model_config: ml_collections.ConfigDict,

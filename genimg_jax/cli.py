@@ -6,6 +6,10 @@
   genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
       [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1]
   genimg export-features --workdir DIR --output FILE
+  genimg convert-inception --pth pt_inception-2015-12-05-6726825d.pth \
+      --output inception.msgpack
+  genimg fid-stats --config experiments/dcgan.py:cifar10 --output s.npz \
+      [--config.feature_network=inception:inception.msgpack]
   genimg compile --config experiments/ddpm.py [--topology v5e:4x4]
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
 """
@@ -73,6 +77,22 @@ def _parser():
   export.add_argument("--output", required=True,
                       help="FILE (msgpack); FILE.json gets shapes and SHA-256;"
                            " use with --config.feature_network=FILE")
+  convert = sub.add_parser(
+      "convert-inception",
+      help="convert pytorch-fid's Inception weights (.pth, needs torch) for "
+           "--config.feature_network=inception:OUTPUT")
+  convert.add_argument("--pth", required=True,
+                       help="pt_inception-2015-12-05-6726825d.pth")
+  convert.add_argument("--output", required=True,
+                       help="FILE (msgpack); FILE.json gets the SHA-256s")
+  convert.add_argument("--any-weights", action="store_true",
+                       help="convert a .pth that is not pytorch-fid's file")
+  stats = sub.add_parser(
+      "fid-stats", help="write the real eval split's feature mean and "
+                        "covariance (pytorch-fid's .npz: mu, sigma)")
+  stats.add_argument("--config", required=True,
+                     help="an experiments/*.py file or a config name")
+  stats.add_argument("--output", required=True, help="FILE.npz")
   aot = sub.add_parser(
       "compile", help="compile the train step ahead of time (for a TPU "
                       "topology: needs libtpu, no TPU) and print per-device "
@@ -111,7 +131,8 @@ def main(argv=None) -> int:
   from genimg_jax import checkpoint, config as config_lib, data, distributed
   from genimg_jax import train
   known_errors = (config_lib.ConfigError, data.DataError,
-                  checkpoint.CheckpointError, FloatingPointError, ValueError)
+                  checkpoint.CheckpointError, FloatingPointError, ValueError,
+                  FileNotFoundError, ImportError)
   try:
     distributed.use_cpu_cores()
     distributed.maybe_initialize()
@@ -132,6 +153,16 @@ def main(argv=None) -> int:
       config = config_lib.apply_overrides(
           config_lib.load_config_file(args.config), overrides)
       metrics = aot.run(config, args.topology or None)
+    elif args.command == "convert-inception":
+      from genimg_jax import inception  # pylint: disable=g-import-not-at-top
+      metrics = inception.convert_pth(args.pth, args.output,
+                                      check_hash=not args.any_weights)
+    elif args.command == "fid-stats":
+      from genimg_jax import parallel, quality  # pylint: disable=g-import-not-at-top
+      config = config_lib.apply_overrides(
+          config_lib.load_config_file(args.config), overrides)
+      metrics = quality.write_fid_stats(
+          config, parallel.make_mesh(config.mesh.num_devices), args.output)
     elif args.command == "export-features":
       metrics = train.export_feature_network(args.workdir, args.output)
     else:

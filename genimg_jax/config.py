@@ -171,7 +171,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
 # seed) and must match the checkpoint's.
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "num_epochs", "eval_every", "eval_samples",
-    "eval_batch_size", "feature_network", "log_every", "checkpoint_every",
+    "eval_batch_size", "feature_network", "fid_stats", "log_every", "checkpoint_every",
     "keep_checkpoints", "compilation_cache_dir", "mesh.num_devices", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory",
     "data.eval_split", "vae.iw_samples", "gan.skip_nonfinite",

@@ -357,15 +357,20 @@ def make_sampler(config, mesh, options: SamplerOptions):
                  in_shardings=(repl, batch, batch, repl), out_shardings=batch)
 
 
+def batch_sampler(sampler, params, rng, mesh):
+  """(noise, labels) -> images in [-1, 1] on device; the i-th call (batch
+  i) draws its sampler noise from fold_in(rng, i)."""
+  counter = itertools.count()
+  return lambda noise, labels: sampler(params, noise, labels,
+                                       parallel.replicate(jax.random.fold_in(
+                                           rng, next(counter)), mesh))
+
+
 def sample_uint8(sampler, params, noise_NHWC, labels_N, rng, mesh,
                  batch_size: int = 512) -> np.ndarray:
-  """uint8 images [N, H, W, C] in sharded batches; batch i draws its sampler
-  noise from fold_in(rng, i)."""
-  counter = itertools.count()
-  images = parallel.map_batches(
-      lambda noise, labels: sampler(params, noise, labels, parallel.replicate(
-          jax.random.fold_in(rng, next(counter)), mesh)),
-      (noise_NHWC, labels_N), mesh, batch_size)
+  """uint8 images [N, H, W, C] in sharded batches (see `batch_sampler`)."""
+  images = parallel.map_batches(batch_sampler(sampler, params, rng, mesh),
+                                (noise_NHWC, labels_N), mesh, batch_size)
   return images_lib.to_uint8(images)
 
 
@@ -443,7 +448,9 @@ def make_evaluator(config, mesh, eval_source, workdir):
       noise = np.asarray(jax.random.normal(
           noise_rng, (config.eval_samples, *shape)))
       labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
-      metrics.update(metric(sample(noise, labels, sampler_rng)))
+      metrics.update(metric.of_generator(
+          batch_sampler(sampler, state.ema_params, sampler_rng, mesh),
+          (noise, labels), config.eval_batch_size))
     return metrics
   return evaluator
 

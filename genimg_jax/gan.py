@@ -495,5 +495,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
     z = np.asarray(jax.random.normal(rng, (config.eval_samples,
                                            settings.z_dim)))
     labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
-    return metric(sample(z, labels))
+    return metric.of_generator(
+        lambda z, labels: sampler(state.g, state.ema_params, z, labels, stats),
+        (z, labels))
   return evaluator

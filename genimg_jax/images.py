@@ -13,9 +13,12 @@ from PIL import Image
 
 def to_uint8(images: np.ndarray, low: float = -1.0,
              high: float = 1.0) -> np.ndarray:
-  """Float images in [low, high] -> uint8 [0, 255] (clipped, rounded)."""
-  scaled = (np.asarray(images, np.float32) - low) / (high - low)
-  return np.clip(np.round(scaled * 255.0), 0, 255).astype(np.uint8)
+  """Float images in [low, high] -> uint8 [0, 255] (clipped, rounded half
+  to even). numpy in, numpy out; a jax.Array stays on its devices (the same
+  float32 operations, so the same bytes)."""
+  xp = jnp if isinstance(images, jax.Array) else np
+  scaled = (xp.asarray(images, xp.float32) - low) / (high - low)
+  return xp.clip(xp.round(scaled * 255.0), 0, 255).astype(xp.uint8)
 
 
 def grid(images_NHWC: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

@@ -1,14 +1,16 @@
-"""Sample-quality metrics with the project's own classifiers as features.
+"""Sample-quality metrics: FID, score, KID, precision/recall.
 
-FID: the Frechet distance between Gaussians fitted to the classifier's
-penultimate features (the ResNet's pooled activations, 64 numbers) of
-generated and of real images. Score: the Inception-Score analogue
-exp(E_x KL(p(y|x) || p(y))) over the classifier's class probabilities, in one
-split. Generated images in [-1, 1] are quantized to uint8 first, exactly as a
-PNG of them would be, so real and generated images go through the same
-preprocessing (x / 255). The network ships in `genimg_jax/assets/` with its
-SHA-256; `experiments/resnet.py` retrains it, and `genimg export-features`
-makes a feature network for any other data set from a trained ResNet.
+FID: the Frechet distance between Gaussians fitted to a feature network's
+features of generated and of real images. Score: exp(E_x KL(p(y|x) || p(y)))
+over its class probabilities, in one split. KID and precision/recall: see
+their functions. The feature network is the project's own ResNet (pooled
+activations, 64 numbers; shipped in `genimg_jax/assets/` with its SHA-256,
+retrained by `experiments/resnet.py`, made for other data sets by `genimg
+export-features`) or the FID Inception-v3 (`inception.py`, 2,048 features,
+numbers comparable with papers). Generated images are quantized to uint8
+first, exactly as a PNG of them would be, so real and generated images go
+through the same preprocessing; `QualityMetrics.of_generator` does that on
+device, so samples never travel to the host.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import functools
 import hashlib
 import json
 import os
+from typing import Callable
 
+from etils import epath
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genimg_jax import classifier, parallel
+from genimg_jax import classifier, images as images_lib, parallel
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 FEATURE_NETWORK = os.path.join(ASSETS, "fashion_mnist_resnet.msgpack")
@@ -63,6 +67,126 @@ def classifier_score(probs_NK: np.ndarray, eps: float = 1e-12) -> float:
   return float(np.exp(kl.mean()))
 
 
+def _check_feature_pair(a, b, names: tuple[str, str]):
+  """Both as float64 [N, D] / [M, D]; ValueError naming what is wrong."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  for x, name in ((a, names[0]), (b, names[1])):
+    if x.ndim != 2:
+      raise ValueError(f"{name} must be 2-D [num_samples, feature_dim], got "
+                       f"shape {x.shape}")
+    if x.shape[0] < 2:
+      raise ValueError(f"{name} needs at least 2 samples, got {x.shape[0]}")
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"{names[0]} and {names[1]} have different feature "
+                     f"dimensions: {a.shape[1]} vs {b.shape[1]}")
+  return a, b
+
+
+def kernel_inception_distance(features_a_ND: np.ndarray,
+                              features_b_MD: np.ndarray,
+                              num_subsets: int = 100,
+                              subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+  """KID (Binkowski et al. 2018, "Demystifying MMD GANs"): (mean, std).
+
+  features_a_ND [N, D] and features_b_MD [M, D]; float64 inside. With the
+  polynomial kernel k(x, y) = (x.y / D + 1)^3, each of `num_subsets` subsets
+  takes m = min(subset_size, N, M) rows of each set without replacement and
+  computes the unbiased MMD^2
+    sum_{i!=j} k(x_i, x_j) / (m(m-1)) + sum_{i!=j} k(y_i, y_j) / (m(m-1))
+    - 2 sum_{i,j} k(x_i, y_j) / m^2,
+  the estimator of torch-fidelity and clean-fid's `kernel_distance`. Returns
+  the mean and the (population) std of the per-subset values. The subsets
+  come from `np.random.default_rng(seed)`: per subset,
+  `rng.choice(N, m, replace=False)` for a, then the same with M for b.
+  """
+  a, b = _check_feature_pair(features_a_ND, features_b_MD,
+                             ("features_a_ND", "features_b_MD"))
+  if num_subsets < 1:
+    raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
+  if subset_size < 2:
+    raise ValueError(f"subset_size must be >= 2, got {subset_size}")
+  (n, d), m_rows = a.shape, b.shape[0]
+  m = min(subset_size, n, m_rows)
+  rng = np.random.default_rng(seed)
+  mmds = np.empty(num_subsets)
+  for s in range(num_subsets):
+    x = a[rng.choice(n, m, replace=False)]
+    y = b[rng.choice(m_rows, m, replace=False)]
+    k_xx = (x @ x.T / d + 1) ** 3
+    k_yy = (y @ y.T / d + 1) ** 3
+    k_xy = (x @ y.T / d + 1) ** 3
+    off_diag = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy))
+    mmds[s] = off_diag / (m * (m - 1)) - 2 * k_xy.mean()
+  return float(mmds.mean()), float(mmds.std())
+
+
+def _sq_distances(rows_BD: np.ndarray, points_ND: np.ndarray,
+                  points_sq_N: np.ndarray) -> np.ndarray:
+  """[B, N] squared Euclidean distances, clipped at 0."""
+  d2 = (np.sum(rows_BD ** 2, axis=1)[:, None] + points_sq_N[None, :]
+        - 2 * rows_BD @ points_ND.T)
+  return np.maximum(d2, 0)
+
+
+def _knn_radii_sq(points_ND: np.ndarray, k: int,
+                  batch_size: int) -> np.ndarray:
+  """[N] squared distance of each point to its k-th nearest other point."""
+  n = points_ND.shape[0]
+  points_sq = np.sum(points_ND ** 2, axis=1)
+  radii_sq = np.empty(n)
+  for start in range(0, n, batch_size):
+    stop = min(start + batch_size, n)
+    d2 = _sq_distances(points_ND[start:stop], points_ND, points_sq)
+    d2[np.arange(stop - start), np.arange(start, stop)] = 0  # Exact self.
+    # Index 0 of the sorted row is the point itself, index k its k-th NN.
+    radii_sq[start:stop] = np.partition(d2, k, axis=1)[:, k]
+  return radii_sq
+
+
+def _fraction_inside(queries_QD: np.ndarray, centres_ND: np.ndarray,
+                     radii_sq_N: np.ndarray, batch_size: int) -> float:
+  """Fraction of queries within distance <= radius of some centre."""
+  centres_sq = np.sum(centres_ND ** 2, axis=1)
+  inside = 0
+  for start in range(0, queries_QD.shape[0], batch_size):
+    d2 = _sq_distances(queries_QD[start:start + batch_size], centres_ND,
+                       centres_sq)
+    inside += int(np.sum(np.any(d2 <= radii_sq_N[None, :], axis=1)))
+  return inside / queries_QD.shape[0]
+
+
+def precision_recall(real_features_ND: np.ndarray,
+                     fake_features_MD: np.ndarray, k: int = 3,
+                     batch_size: int = 2000) -> dict[str, float]:
+  """Improved precision and recall (Kynkaanniemi et al. 2019).
+
+  real_features_ND [N, D], fake_features_MD [M, D]; float64 inside. A set's
+  manifold is the union of the balls around its points whose radius is the
+  distance to the point's k-th nearest neighbour in the same set (the point
+  itself not counted). precision = fraction of fake points inside the real
+  manifold, recall = fraction of real points inside the fake manifold; a
+  point is inside when its distance to some centre is <= that centre's
+  radius, as in the paper's code. Squared distances are computed in blocks
+  of `batch_size` rows ([batch_size, N or M] float64 at a time).
+  Returns {"precision": float, "recall": float}.
+  """
+  real, fake = _check_feature_pair(real_features_ND, fake_features_MD,
+                                   ("real_features_ND", "fake_features_MD"))
+  if k < 1 or k >= min(real.shape[0], fake.shape[0]):
+    raise ValueError(f"k must be in [1, number of points in each set), got "
+                     f"k={k} with {real.shape[0]} real and {fake.shape[0]} "
+                     f"fake points")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  real_radii_sq = _knn_radii_sq(real, k, batch_size)
+  fake_radii_sq = _knn_radii_sq(fake, k, batch_size)
+  return {
+      "precision": _fraction_inside(fake, real, real_radii_sq, batch_size),
+      "recall": _fraction_inside(real, fake, fake_radii_sq, batch_size),
+  }
+
+
 def file_sha256(path: str) -> str:
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
@@ -94,17 +218,22 @@ def save_feature_network(state, model_config, path: str = FEATURE_NETWORK,
 
 @dataclasses.dataclass
 class FeatureNetwork:
-  """The classifier used as the feature network, jitted over a mesh."""
-  model: classifier.ResNet
+  """A feature network jitted over a mesh: uint8 images [B, H, W, C] ->
+  (features [B, D], class probabilities [B, K]) from one pass.
+
+  features_and_logits(variables, images_uint8) -> (features, logits): the
+  shipped ResNet (`resnet_features_and_logits`) or the FID Inception
+  (`inception.FIDInceptionV3().apply`).
+  """
+  features_and_logits: Callable
   variables: dict
   mesh: jax.sharding.Mesh
   batch_size: int = 512
+  name: str = "resnet"
 
   def __post_init__(self):
     def features_and_probs(variables, images_uint8):
-      x = classifier.to_float(images_uint8)
-      features = self.model.apply(variables, x, features=True)
-      logits = self.model.apply(variables, x)
+      features, logits = self.features_and_logits(variables, images_uint8)
       return features, jax.nn.softmax(logits)
     repl = parallel.replicated(self.mesh)
     data = parallel.data_sharding(self.mesh)
@@ -114,9 +243,19 @@ class FeatureNetwork:
 
   def __call__(self, images_uint8: np.ndarray):
     """uint8 images [N, H, W, C] -> (features [N, D], probs [N, K]) numpy."""
-    return parallel.map_batches(
-        functools.partial(self._apply, self.variables), (images_uint8,),
-        self.mesh, self.batch_size)
+    return parallel.map_batches(self.on_device, (images_uint8,), self.mesh,
+                                self.batch_size)
+
+  def on_device(self, images_uint8: jax.Array):
+    """(features, probs) of a batch sharded on "data", left on device."""
+    return self._apply(self.variables, images_uint8)
+
+
+def resnet_features_and_logits(model: classifier.ResNet):
+  """(variables, uint8 images) -> (pooled features, logits), one pass."""
+  return lambda variables, images_uint8: model.apply(
+      variables, classifier.to_float(images_uint8), features=True,
+      with_logits=True)
 
 
 def load_feature_network(mesh, path: str = FEATURE_NETWORK,
@@ -127,7 +266,8 @@ def load_feature_network(mesh, path: str = FEATURE_NETWORK,
     raise FileNotFoundError(
         f"Feature network {path!r} (and its .json) is missing. Train a ResNet "
         "on the data set (experiments/resnet.py:DATASET) and write one with "
-        "`genimg export-features --workdir DIR --output FILE`.")
+        "`genimg export-features --workdir DIR --output FILE`, or use "
+        "inception:FILE (see `genimg convert-inception`).")
   with open(path + ".json") as f:
     meta = json.load(f)
   if file_sha256(path) != meta["sha256"]:
@@ -138,7 +278,8 @@ def load_feature_network(mesh, path: str = FEATURE_NETWORK,
     raise ValueError(
         f"Feature network {path!r} takes images of shape {net_shape}, not "
         f"{tuple(image_shape)}. Export one trained on this data set with "
-        "`genimg export-features`, or set --config.eval_samples=0.")
+        "`genimg export-features`, use inception:FILE, or set "
+        "--config.eval_samples=0.")
   model = classifier.ResNet(meta.get("num_classes", 10), meta["width"],
                             tuple(meta["blocks_per_stage"]))
   template = jax.eval_shape(lambda: model.init(
@@ -146,7 +287,8 @@ def load_feature_network(mesh, path: str = FEATURE_NETWORK,
   with open(path, "rb") as f:
     variables = flax.serialization.from_bytes(
         jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), f.read())
-  return FeatureNetwork(model, variables, mesh)
+  return FeatureNetwork(resnet_features_and_logits(model), variables, mesh,
+                        name=os.path.basename(path))
 
 
 def feature_network_path(name_or_path: str) -> str:
@@ -155,37 +297,135 @@ def feature_network_path(name_or_path: str) -> str:
   return shipped if os.path.isfile(shipped) else name_or_path
 
 
-def metrics_for_config(config, mesh, real_source):
-  """QualityMetrics for `config` (its feature_network and eval_samples)
-  against every image of `real_source`, or None when config.eval_samples is
-  0 (then `real_source` is not read)."""
-  if not config.eval_samples:
-    return None
+def feature_network_for_config(config, mesh) -> FeatureNetwork:
+  """config.feature_network: a shipped ResNet's name, a file from `genimg
+  export-features`, or "inception:FILE" (from `genimg convert-inception`)."""
   name = config.get("feature_network", "fashion_mnist_resnet")
   if not name:
     raise ValueError(
         "config.eval_samples > 0 needs config.feature_network: a shipped "
-        "network's name or a file from `genimg export-features`. Or set "
-        "--config.eval_samples=0 to skip FID and score.")
-  network = load_feature_network(mesh, feature_network_path(name),
-                                 config.data.image_shape)
-  return QualityMetrics(
-      network, real_source.take(np.arange(len(real_source)))["image"])
+        "network's name, a file from `genimg export-features` or "
+        "inception:FILE. Or set --config.eval_samples=0 to skip FID and "
+        "score.")
+  if name.startswith("inception:"):
+    from genimg_jax import inception  # pylint: disable=g-import-not-at-top
+    variables = inception.load_variables(name[len("inception:"):])
+    return FeatureNetwork(inception.FIDInceptionV3().apply, variables, mesh,
+                          batch_size=128, name="inception")
+  return load_feature_network(mesh, feature_network_path(name),
+                              config.data.image_shape)
+
+
+def metrics_for_config(config, mesh, real_source):
+  """QualityMetrics for `config` (its feature_network, fid_stats and
+  eval_samples) against every image of `real_source`, or None when
+  config.eval_samples is 0 (then `real_source` is not read)."""
+  if not config.eval_samples:
+    return None
+  network = feature_network_for_config(config, mesh)
+  real_images = real_source.take(np.arange(len(real_source)))["image"]
+  reference = None
+  if config.get("fid_stats"):
+    reference = load_fid_stats(config.fid_stats, network.name)
+  return QualityMetrics(network, real_images, reference)
+
+
+def save_fid_stats(path: str, mu_D: np.ndarray, sigma_DD: np.ndarray,
+                   network_name: str) -> None:
+  """pytorch-fid's .npz layout (mu [D], sigma [D, D], float64) plus the
+  feature network's name."""
+  with epath.Path(path).open("wb") as f:
+    np.savez(f, mu=np.asarray(mu_D, np.float64),
+             sigma=np.asarray(sigma_DD, np.float64),
+             feature_network=np.asarray(network_name))
+
+
+def load_fid_stats(path: str, network_name: str | None = None):
+  """(mu [D], sigma [D, D]) from a .npz with `mu` and `sigma` (pytorch-fid's
+  `--save-stats` or `genimg fid-stats`); one of ours names its network,
+  which must then be `network_name` (if given)."""
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f"No FID statistics file {path!r}; write one "
+                            "with `genimg fid-stats --config C --output F`.")
+  with epath.Path(path).open("rb") as f:
+    stats = dict(np.load(f))
+  if "mu" not in stats or "sigma" not in stats:
+    raise ValueError(f"{path!r} has {sorted(stats)}, not pytorch-fid's "
+                     "'mu' and 'sigma'.")
+  mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+  if sigma.shape != (len(mu), len(mu)):
+    raise ValueError(f"{path!r}: sigma {sigma.shape} does not fit mu "
+                     f"{mu.shape}.")
+  saved_name = str(stats.get("feature_network", ""))
+  if network_name and saved_name and saved_name != network_name:
+    raise ValueError(f"{path!r} holds statistics of {saved_name!r} features, "
+                     f"but this run uses {network_name!r}.")
+  return mu, sigma
+
+
+_to_uint8_on_device = jax.jit(images_lib.to_uint8,
+                              static_argnames=("low", "high"))
 
 
 class QualityMetrics:
-  """FID and score of generated images against one real split."""
+  """FID, score, KID and precision/recall of generated images against one
+  real split (FID against `reference` = (mu, sigma) instead, if given)."""
 
-  def __init__(self, network: FeatureNetwork, real_images_uint8: np.ndarray):
+  def __init__(self, network: FeatureNetwork, real_images_uint8: np.ndarray,
+               reference: tuple[np.ndarray, np.ndarray] | None = None):
     self.network = network
-    features, _ = network(real_images_uint8)
-    self.real_stats = gaussian_stats(features)
+    self.real_features, _ = network(real_images_uint8)
+    self.real_stats = reference or gaussian_stats(self.real_features)
+    if self.real_stats[0].shape != self.real_features.shape[1:]:
+      raise ValueError(
+          f"FID statistics of {self.real_stats[0].shape[0]} features do not "
+          f"fit the feature network's {self.real_features.shape[1]}.")
 
   def __call__(self, fake_images_uint8: np.ndarray) -> dict[str, float]:
-    features, probs = self.network(fake_images_uint8)
-    return {"fid": frechet_distance(*gaussian_stats(features),
-                                    *self.real_stats),
-            "score": classifier_score(probs)}
+    """fid, score; kid (mean over subsets of 1,000), kid_std; precision and
+    recall (k = 3), the last three when both sets have over 3 samples."""
+    return self._metrics(*self.network(fake_images_uint8))
+
+  def of_generator(self, generate_fn, inputs, batch_size: int = 512,
+                   value_range: tuple[float, float] = (-1.0, 1.0)):
+    """The metrics of images made on device chunk by chunk, as
+    `self(to_uint8(images))` but without copying images to the host and
+    back: only features and probabilities leave the devices.
+
+    generate_fn(*chunks) -> float images in `value_range` [b, H, W, C]
+    sharded on "data" (a jitted sampler); inputs: host arrays [N, ...] (e.g.
+    noise and labels), cut into chunks of `batch_size` as
+    `parallel.map_batches` does.
+    """
+    low, high = value_range
+    features, probs = parallel.map_batches(
+        lambda *chunks: self.network.on_device(_to_uint8_on_device(
+            generate_fn(*chunks), low=low, high=high)),
+        inputs, self.network.mesh, batch_size)
+    return self._metrics(features, probs)
+
+  def _metrics(self, features, probs) -> dict[str, float]:
+    metrics = {"fid": frechet_distance(*gaussian_stats(features),
+                                       *self.real_stats),
+               "score": classifier_score(probs)}
+    if min(len(features), len(self.real_features)) > 3:
+      metrics["kid"], metrics["kid_std"] = kernel_inception_distance(
+          features, self.real_features)
+      metrics.update(precision_recall(self.real_features, features))
+    return metrics
+
+
+def write_fid_stats(config, mesh, output: str) -> dict:
+  """`genimg fid-stats`: (mu, sigma) of config.feature_network's features of
+  every image of config.data.eval_split, written to `output` (.npz)."""
+  from genimg_jax import data  # pylint: disable=g-import-not-at-top
+  network = feature_network_for_config(config, mesh)
+  source = data.load_split(config.data, config.data.eval_split)
+  mu, sigma = gaussian_stats(network(
+      source.take(np.arange(len(source)))["image"])[0])
+  save_fid_stats(output, mu, sigma, network.name)
+  return {"output": output, "num_images": len(source),
+          "feature_network": network.name, "feature_dim": len(mu)}
 
 
 def real_data_reference(idx_dir: str, mesh) -> dict[str, float]:

@@ -378,9 +378,9 @@ def binarize_once(images_uint8: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def make_decoder(config, mesh):
-  """sample_uint8(params, z [N, Z], labels [N]) -> the decoder's mean images
-  as uint8 [N, H, W, C], in sharded batches (labels unused if
-  unconditional)."""
+  """decode(params, z [b, Z], labels [b]) -> the decoder's mean images in
+  [0, 1] [b, H, W, C], jitted; z, labels and images sharded on "data"
+  (labels unused if unconditional)."""
   settings = settings_from_config(config)
   model = make_model(config)
   repl, batch_sharding = (parallel.replicated(mesh),
@@ -399,10 +399,14 @@ def make_decoder(config, mesh):
                                   labels if settings.conditional else None,
                                   method="decode"))
 
-  def sample_uint8(params, z, labels):
-    return images_lib.to_uint8(parallel.map_batches(
-        functools.partial(decode, params), (z, labels), mesh), 0.0, 1.0)
-  return sample_uint8
+  return decode
+
+
+def decode_uint8(decode, params, z_NZ, labels_N, mesh) -> np.ndarray:
+  """uint8 images [N, H, W, C] of `make_decoder`'s decode, in sharded
+  batches."""
+  return images_lib.to_uint8(parallel.map_batches(
+      functools.partial(decode, params), (z_NZ, labels_N), mesh), 0.0, 1.0)
 
 
 def sample_images(config, mesh, state, labels_N: np.ndarray,
@@ -411,7 +415,8 @@ def sample_images(config, mesh, state, labels_N: np.ndarray,
   (ignored if unconditional). seed: the latents."""
   z = np.asarray(jax.random.normal(jax.random.key(seed),
                                    (len(labels_N), config.vae.latent_dim)))
-  return make_decoder(config, mesh)(state.params, z, labels_N)
+  return decode_uint8(make_decoder(config, mesh), state.params, z, labels_N,
+                      mesh)
 
 
 def make_evaluator(config, mesh, eval_source, workdir):
@@ -439,7 +444,9 @@ def make_evaluator(config, mesh, eval_source, workdir):
       config, mesh, data.ArraySource(all_examples["image"],
                                      all_examples["label"]))
 
-  sample_uint8 = make_decoder(config, mesh)
+  decode = make_decoder(config, mesh)
+  sample_uint8 = lambda params, z, labels: decode_uint8(decode, params, z,
+                                                        labels, mesh)
 
   z_dim = config.vae.latent_dim
   prior_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
@@ -484,6 +491,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
           jax.random.fold_in(jax.random.key(config.seed + 3), step),
           (config.eval_samples, z_dim)))
       labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
-      metrics.update(metric(sample_uint8(state.params, z, labels)))
+      metrics.update(metric.of_generator(
+          functools.partial(decode, state.params), (z, labels),
+          value_range=(0.0, 1.0)))
     return metrics
   return evaluator

@@ -257,6 +257,18 @@ def test_euler_and_heun_have_orders_one_and_two():
   assert heun == pytest.approx(4.0, abs=0.2)
 
 
+def test_heun_ends_with_an_euler_step_and_never_evaluates_t_1():
+  """EDM's Heun: on dx/dt = x with 2 steps, a Heun step (1 + h + h^2 / 2)
+  then an Euler step (1 + h): 1.625 x 1.5. A velocity that is NaN at t = 1
+  (a flow model's unpredictable end) leaves the samples finite."""
+  x = jnp.ones((1, 1, 1, 1))
+  out = samplers.heun_sample(lambda x, t: x, x, 2)
+  assert float(out[0, 0, 0, 0]) == pytest.approx(1.625 * 1.5, rel=1e-6)
+  nan_at_1 = lambda x, t: jnp.where(t >= 1.0, jnp.nan, -x)
+  assert np.isfinite(jax.jit(lambda x: samplers.heun_sample(
+      nan_at_1, x, 5))(x)).all()
+
+
 # --- The network and guidance ---------------------------------------------------
 
 def test_cifar10_full_config_is_ddpms_network():
@@ -359,14 +371,16 @@ def test_tiny_model_loss_falls_and_ema_follows(idx_dir, experiment):
                expected, state.ema_params)
 
 
-def test_one_and_eight_devices_agree(tmp_path, idx_dir):
+@pytest.mark.parametrize("experiment", ["ddpm_cond.py", "flow_cond.py"])
+def test_one_and_eight_devices_agree(tmp_path, idx_dir, experiment):
   """The same 4 steps on 1 and 8 devices: same losses, gradient norms and
-  parameters (a norm per leaf), same evaluation."""
+  parameters (a norm per leaf), same evaluation. Labels dropped half the
+  time, so that per-device label dropout would show too."""
   results = {}
   for n in (1, 8):
-    config = tiny_config(idx_dir, "ddpm_cond.py", **MINI_UNET,
+    config = tiny_config(idx_dir, experiment, **MINI_UNET,
                          **{"mesh.num_devices": n, "num_steps": 4,
-                            "log_every": 1})
+                            "log_every": 1, "diffusion.label_dropout": 0.5})
     results[n] = train.train_and_evaluate(config, str(tmp_path / str(n)))
   (s1, e1), (s8, e8) = results[1], results[8]
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
@@ -390,7 +404,8 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):
   config = tiny_config(idx_dir, "flow.py", **MINI_UNET,
                        **{"mesh.num_devices": 2})
   straight, _ = train.train_and_evaluate(config, str(tmp_path / "a"))
-  train.train_and_evaluate(config, str(tmp_path / "b"), stop_at_step=3)
+  # Stopped between checkpoints (every 3): the stop writes its own.
+  train.train_and_evaluate(config, str(tmp_path / "b"), stop_at_step=4)
   resumed, _ = train.train_and_evaluate(config, str(tmp_path / "b"))
   for a, b in ((straight.params, resumed.params),
                (straight.ema_params, resumed.ema_params),

@@ -36,7 +36,7 @@ FAMILIES = {
         "--config.model.channels=8", "--config.model.multipliers=(1,)",
         "--config.model.num_res_blocks=1",
         "--config.model.attention_resolutions=(28,)",
-        "--config.diffusion.sample_steps=3",
+        "--config.diffusion.sample_steps=3", "--config.diffusion.eta=1.0",
         "--config.diffusion.guidance_scale=2.0"]),
 }
 

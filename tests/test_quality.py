@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from genimg_jax import classifier, cli, data, parallel, quality, train
+from genimg_jax import classifier, cli, data, images as images_lib, parallel
+from genimg_jax import quality, train
 from conftest import tiny_config
 
 
@@ -80,8 +81,8 @@ def _pixel_network(channels, batch_size):
       "batch_stats": {"BatchNorm_0": {"mean": zeros, "var": ones}}}
   template = model.init(jax.random.key(0), jnp.zeros((1, 1, 1, channels)))
   assert jax.tree.structure(variables) == jax.tree.structure(template)
-  return quality.FeatureNetwork(model, variables, parallel.make_mesh(),
-                                batch_size)
+  return quality.FeatureNetwork(quality.resnet_features_and_logits(model),
+                                variables, parallel.make_mesh(), batch_size)
 
 
 def _cube(center, half_side, repeats):
@@ -143,7 +144,8 @@ def test_feature_network_matches_the_model_on_the_whole_array():
       variables)
   noise = np.random.default_rng(0).integers(0, 128, (37, 28, 28, 1))
   images = (noise + 3 * np.arange(37)[:, None, None, None]).astype(np.uint8)
-  network = quality.FeatureNetwork(model, variables, parallel.make_mesh(),
+  network = quality.FeatureNetwork(quality.resnet_features_and_logits(model),
+                                   variables, parallel.make_mesh(),
                                    batch_size=16)
   features, probs = network(images)
   x = classifier.to_float(images)
@@ -164,7 +166,7 @@ def test_shipped_feature_network_loads_and_classifies():
   network = quality.load_feature_network(parallel.make_mesh())
   images = data.load_idx_split(data.DEBIAN_FASHION_MNIST, "test").images
   features, probs = network(images[:1000])
-  assert features.shape == (1000, 4 * network.model.width)
+  assert features.shape == (1000, 64)  # 4 x the shipped ResNet width 16.
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
   labels = data.load_idx_split(data.DEBIAN_FASHION_MNIST, "test").labels
   assert np.mean(probs.argmax(1) == labels[:1000]) > 0.9
@@ -200,6 +202,31 @@ def test_export_features_then_use_it_for_fid(tmp_path, idx_dir, capsys):
                            eval_samples=32, feature_network=net)
   _, metrics = train.train_and_evaluate(gan_config, str(tmp_path / "gan"))
   assert metrics["fid"] > 0 and 1.0 <= metrics["score"] <= 10.0
+  assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+  assert metrics["kid"] > 0 and metrics["kid_std"] >= 0
+
+  # `genimg fid-stats` writes the real split's statistics in pytorch-fid's
+  # layout; an evaluation that reads them gets the same FID.
+  stats = str(tmp_path / "stats.npz")
+  assert cli.main(["fid-stats", "--config", "experiments/dcgan.py",
+                   f"--config.data.idx_dir={idx_dir}",
+                   f"--config.feature_network={net}", "--output", stats]) == 0
+  saved = np.load(stats)
+  real = data.load_idx_split(idx_dir, "test").images
+  want_mu, want_sigma = quality.gaussian_stats(network(real)[0])
+  np.testing.assert_allclose(saved["mu"], want_mu, rtol=1e-6)
+  np.testing.assert_allclose(saved["sigma"], want_sigma, rtol=1e-6,
+                             atol=1e-9)
+  assert saved["sigma"].shape == (4, 4) and saved["mu"].dtype == np.float64
+  gan_dir = str(tmp_path / "gan")
+  with_stats = train.evaluate_workdir(gan_dir, [f"fid_stats={stats}"])
+  assert with_stats["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
+  np.savez(stats, mu=want_mu + 1.0, sigma=want_sigma)  # pytorch-fid's keys.
+  shifted = train.evaluate_workdir(gan_dir, [f"fid_stats={stats}"])
+  assert shifted["fid"] > metrics["fid"] + 1.0
+  np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
+  with pytest.raises(ValueError, match="3 features do not fit"):
+    train.evaluate_workdir(gan_dir, [f"fid_stats={stats}"])
 
 
 def test_export_refuses_a_generative_workdir(tmp_path, idx_dir, capsys):
@@ -219,7 +246,235 @@ def test_fid_without_feature_network_says_what_to_do(idx_dir):
         np.zeros((16, 28, 28, 1), np.uint8), np.zeros(16, np.int32)))
 
 
+def test_kid_and_precision_recall_through_the_whole_metric_path():
+  """QualityMetrics reports KID and precision/recall of the network's
+  features: identical sets give precision = recall = 1, far sets 0, and the
+  values equal the functions applied to the features."""
+  network = _pixel_network(4, batch_size=40)
+  real = _cube([100, 120, 140, 60], 20, 3)
+  far = _cube([20, 20, 20, 230], 10, 2)
+  metrics = quality.QualityMetrics(network, real)
+  same, other = metrics(real), metrics(far)
+  assert same["precision"] == 1 and same["recall"] == 1
+  assert other["precision"] == 0 and other["recall"] == 0
+  features = lambda x: network(x)[0]
+  assert other["kid"] == pytest.approx(quality.kernel_inception_distance(
+      features(far), features(real))[0], rel=1e-9)
+  assert abs(same["kid"]) < 1e-2 * other["kid"]  # Measured 3e-3.
+  # Generated images cover one of the real set's two modes (48 and 32
+  # images): all of them are real-looking (precision 1), the 48 of the
+  # covered mode are the recalled part of the real set (recall 48 / 80).
+  two_modes = quality.QualityMetrics(network, np.concatenate([real, far]))
+  one_mode = two_modes(real)
+  assert one_mode["precision"] == 1 and one_mode["recall"] == 0.6
+
+
+def test_fid_stats_file_checks(tmp_path):
+  path = str(tmp_path / "s.npz")
+  quality.save_fid_stats(path, np.zeros(3), np.eye(3), "inception")
+  mu, sigma = quality.load_fid_stats(path, "inception")
+  assert mu.shape == (3,) and sigma.shape == (3, 3)
+  with pytest.raises(ValueError, match="'inception' features"):
+    quality.load_fid_stats(path, "fashion_mnist_resnet.msgpack")
+  np.savez(path, m=np.zeros(3))
+  with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+    quality.load_fid_stats(path)
+  with pytest.raises(FileNotFoundError, match="genimg fid-stats"):
+    quality.load_fid_stats(str(tmp_path / "missing.npz"))
+
+
 def test_shipped_network_is_found_by_name():
   assert quality.feature_network_path("fashion_mnist_resnet") == (
       quality.FEATURE_NETWORK)
   assert quality.feature_network_path("/x/net.msgpack") == "/x/net.msgpack"
+
+
+def _brute_force_kid(x, y):
+  """Unbiased MMD^2 with k(u, v) = (u.v / D + 1)^3, by explicit loops."""
+  m, d = x.shape
+
+  def kernel(u, v):
+    return (sum(u[t] * v[t] for t in range(d)) / d + 1) ** 3
+
+  xx = sum(kernel(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+  yy = sum(kernel(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+  xy = sum(kernel(x[i], y[j]) for i in range(m) for j in range(m))
+  return xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / (m * m)
+
+
+def test_kid_matches_brute_force_double_loops():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(9, 3)) * 1.5 + 0.5
+  y = rng.normal(size=(9, 3)) - 0.7
+  mean, std = quality.kernel_inception_distance(x, y, num_subsets=1,
+                                                subset_size=9)
+  assert mean == pytest.approx(_brute_force_kid(x, y), rel=1e-10)
+  assert std == 0.0
+
+
+def test_kid_subsets_mean_and_std_follow_the_documented_draws():
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(15, 2)), rng.normal(size=(12, 2)) + 0.4
+  mean, std = quality.kernel_inception_distance(a, b, num_subsets=4,
+                                                subset_size=6, seed=7)
+  draw = np.random.default_rng(7)
+  per_subset = []
+  for _ in range(4):
+    x = a[draw.choice(15, 6, replace=False)]
+    y = b[draw.choice(12, 6, replace=False)]
+    per_subset.append(_brute_force_kid(x, y))
+  assert mean == pytest.approx(np.mean(per_subset), rel=1e-10)
+  assert std == pytest.approx(np.std(per_subset), rel=1e-8)
+  assert std > 0
+  # The subsets are capped at the smaller set: m = min(subset_size, N, M).
+  capped = quality.kernel_inception_distance(a, b, num_subsets=1,
+                                             subset_size=100, seed=3)
+  draw = np.random.default_rng(3)
+  x, y = a[draw.choice(15, 12, replace=False)], b[draw.choice(12, 12,
+                                                              replace=False)]
+  assert capped[0] == pytest.approx(_brute_force_kid(x, y), rel=1e-10)
+
+
+def test_kid_same_sets_near_zero_and_shifted_sets_positive():
+  rng = np.random.default_rng(2)
+  a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+  shifted = rng.normal(size=(400, 16)) + 0.5
+  kwargs = dict(num_subsets=10, subset_size=200)
+  same, _ = quality.kernel_inception_distance(a, a, **kwargs)
+  twin, _ = quality.kernel_inception_distance(a, b, **kwargs)
+  far, far_std = quality.kernel_inception_distance(a, shifted, **kwargs)
+  assert far > 0.5 and far > 10 * far_std / np.sqrt(10)
+  assert abs(same) < 0.05 * far
+  assert abs(twin) < 0.05 * far
+
+
+def test_kid_is_unbiased_where_the_diagonal_version_is_not():
+  rng = np.random.default_rng(3)
+  m, d, draws = 8, 4, 300
+  unbiased, biased = [], []
+  for _ in range(draws):
+    x, y = rng.normal(size=(m, d)), rng.normal(size=(m, d))
+    unbiased.append(quality.kernel_inception_distance(
+        x, y, num_subsets=1, subset_size=m)[0])
+    k_xx, k_yy, k_xy = ((u @ v.T / d + 1) ** 3
+                        for u, v in ((x, x), (y, y), (x, y)))
+    biased.append(k_xx.mean() + k_yy.mean() - 2 * k_xy.mean())
+  # Standard error of the mean is about 0.05; the diagonal adds about 2.4.
+  assert np.mean(biased) > 1.5
+  assert abs(np.mean(unbiased)) < 0.3
+
+
+def test_kid_rejects_bad_inputs():
+  ok = np.zeros((5, 3))
+  kid = quality.kernel_inception_distance
+  with pytest.raises(ValueError, match="features_a_ND must be 2-D"):
+    kid(np.zeros(5), ok)
+  with pytest.raises(ValueError, match="features_b_MD must be 2-D"):
+    kid(ok, np.zeros((5, 3, 1)))
+  with pytest.raises(ValueError, match="different feature dimensions: 3 vs 4"):
+    kid(ok, np.zeros((5, 4)))
+  with pytest.raises(ValueError, match="features_b_MD needs at least 2"):
+    kid(ok, np.zeros((1, 3)))
+  with pytest.raises(ValueError, match="num_subsets must be >= 1"):
+    kid(ok, ok, num_subsets=0)
+  with pytest.raises(ValueError, match="subset_size must be >= 2"):
+    kid(ok, ok, subset_size=1)
+
+
+def test_precision_recall_identical_and_disjoint_sets():
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(100, 5))
+  assert quality.precision_recall(a, a) == {"precision": 1.0, "recall": 1.0}
+  assert quality.precision_recall(a, a + 100.0) == {"precision": 0.0,
+                                                    "recall": 0.0}
+
+
+def test_precision_recall_counted_by_hand():
+  # k = 2. Real radii (2nd neighbour): 0:2 1:1 2:2 | 10:2 11:1 12:1 13:2, so
+  # the real manifold is [-2, 4] u [8, 15]: fakes 1, 2, 3, 4 (4 on the edge
+  # of 2's ball) are inside, 20..23 not: precision 4/8. Fake radii: 1:2 2:1
+  # 3:1 4:2 | 20:2 21:1 22:1 23:2, so the fake manifold is [-1, 6] u [18, 25]:
+  # reals 0 (on the edge of 1's ball), 1, 2 are inside, 10..13 not: 3/7.
+  real = np.array([0, 1, 2, 10, 11, 12, 13], np.float64)[:, None]
+  fake = np.array([1, 2, 3, 4, 20, 21, 22, 23], np.float64)[:, None]
+  assert quality.precision_recall(real, fake, k=2) == {"precision": 4 / 8,
+                                                       "recall": 3 / 7}
+  # The same points on a 2-D diagonal (3-4-5 direction, exact distances).
+  direction = np.array([[3.0, 4.0]])
+  assert quality.precision_recall(real * direction, fake * direction,
+                                  k=2) == {"precision": 4 / 8, "recall": 3 / 7}
+
+
+def _brute_force_precision_recall(real, fake, k):
+  """(precision, recall) from full distance matrices; index 0 is the self."""
+  from scipy.spatial import distance  # pylint: disable=import-outside-toplevel
+
+  def radii(x):
+    return np.sort(distance.cdist(x, x), axis=1)[:, k]
+
+  def inside(queries, centres):
+    dist = distance.cdist(queries, centres)
+    return np.mean(np.any(dist <= radii(centres)[None, :], axis=1))
+
+  return inside(fake, real), inside(real, fake)
+
+
+def test_precision_recall_blocked_equals_unblocked_and_brute_force():
+  rng = np.random.default_rng(5)
+  real, fake = rng.normal(size=(130, 6)), rng.normal(size=(110, 6)) + 0.4
+  whole = quality.precision_recall(real, fake, k=3)
+  want = _brute_force_precision_recall(real, fake, k=3)
+  assert (whole["precision"], whole["recall"]) == pytest.approx(want,
+                                                                abs=1e-12)
+  assert 0.2 < whole["precision"] < 0.99 and 0.2 < whole["recall"] < 0.99
+  for batch_size in (1, 7, 64, 110, 129):
+    assert quality.precision_recall(real, fake, k=3,
+                                    batch_size=batch_size) == whole
+
+
+def test_precision_recall_one_mode_of_two():
+  rng = np.random.default_rng(6)
+  real = np.concatenate([rng.normal(size=(200, 2)) + [-10, 0],
+                         rng.normal(size=(200, 2)) + [10, 0]])
+  fake = rng.normal(size=(200, 2)) + [-10, 0]
+  got = quality.precision_recall(real, fake, k=3)
+  assert got["precision"] > 0.9
+  assert 0.4 < got["recall"] <= 0.5
+
+
+def test_precision_recall_rejects_bad_inputs():
+  ok = np.zeros((5, 3))
+  pr = quality.precision_recall
+  with pytest.raises(ValueError, match="real_features_ND must be 2-D"):
+    pr(np.zeros(5), ok)
+  with pytest.raises(ValueError, match="different feature dimensions: 3 vs 2"):
+    pr(ok, np.zeros((5, 2)))
+  with pytest.raises(ValueError, match="real_features_ND needs at least 2"):
+    pr(np.zeros((1, 3)), ok)
+  with pytest.raises(ValueError, match="k must be in"):
+    pr(ok, np.zeros((4, 3)), k=4)
+  with pytest.raises(ValueError, match="k must be in"):
+    pr(ok, ok, k=0)
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    pr(ok, ok, batch_size=0)
+
+
+def test_metrics_of_a_generator_on_device_equal_those_of_host_images():
+  """of_generator (images quantized on device, never on the host) gives the
+  metrics of the same images made on the host, for both value ranges; 37
+  samples in chunks of 16 (the last padded)."""
+  network = _pixel_network(4, batch_size=16)
+  metrics = quality.QualityMetrics(network, _cube([100, 120, 140, 60], 20, 3))
+  mesh = network.mesh
+  generate = jax.jit(lambda z: jnp.tanh(z).reshape(-1, 1, 1, 4),
+                     in_shardings=parallel.data_sharding(mesh),
+                     out_shardings=parallel.data_sharding(mesh))
+  z = np.random.default_rng(0).normal(size=(37, 4)).astype(np.float32)
+  images = images_lib.to_uint8(np.tanh(z).reshape(-1, 1, 1, 4))
+  want = metrics(images)
+  got = metrics.of_generator(generate, (z,), batch_size=16)
+  assert got == pytest.approx(want, rel=1e-9)
+  got01 = metrics.of_generator(lambda z: (generate(z) + 1) / 2, (z,),
+                               batch_size=16, value_range=(0.0, 1.0))
+  assert got01 == pytest.approx(want, rel=1e-9)
+  assert want["fid"] > 100  # Far from the real set: a wrong path shows.
