@@ -82,6 +82,12 @@ def _check_feature_pair(a, b, names: tuple[str, str]):
   return a, b
 
 
+def _cubic_kernel(x_MD: np.ndarray, y_MD: np.ndarray) -> np.ndarray:
+  """(x.y / D + 1)^3 for every pair, [M, M] (k * k * k: faster than **)."""
+  k = x_MD @ y_MD.T / x_MD.shape[1] + 1
+  return k * k * k
+
+
 def kernel_inception_distance(features_a_ND: np.ndarray,
                               features_b_MD: np.ndarray,
                               num_subsets: int = 100,
@@ -113,9 +119,8 @@ def kernel_inception_distance(features_a_ND: np.ndarray,
   for s in range(num_subsets):
     x = a[rng.choice(n, m, replace=False)]
     y = b[rng.choice(m_rows, m, replace=False)]
-    k_xx = (x @ x.T / d + 1) ** 3
-    k_yy = (y @ y.T / d + 1) ** 3
-    k_xy = (x @ y.T / d + 1) ** 3
+    k_xx, k_yy, k_xy = (_cubic_kernel(x, x), _cubic_kernel(y, y),
+                        _cubic_kernel(x, y))
     off_diag = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy))
     mmds[s] = off_diag / (m * (m - 1)) - 2 * k_xy.mean()
   return float(mmds.mean()), float(mmds.std())
@@ -417,13 +422,15 @@ class QualityMetrics:
 
 def write_fid_stats(config, mesh, output: str) -> dict:
   """`genimg fid-stats`: (mu, sigma) of config.feature_network's features of
-  every image of config.data.eval_split, written to `output` (.npz)."""
+  every image of config.data.eval_split, written to `output` (.npz) by
+  process 0 (every process computes them)."""
   from genimg_jax import data  # pylint: disable=g-import-not-at-top
   network = feature_network_for_config(config, mesh)
   source = data.load_split(config.data, config.data.eval_split)
   mu, sigma = gaussian_stats(network(
       source.take(np.arange(len(source)))["image"])[0])
-  save_fid_stats(output, mu, sigma, network.name)
+  if jax.process_index() == 0:
+    save_fid_stats(output, mu, sigma, network.name)
   return {"output": output, "num_images": len(source),
           "feature_network": network.name, "feature_dim": len(mu)}
 
