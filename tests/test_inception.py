@@ -19,9 +19,11 @@ from genimg_jax import inception
 
 if os.environ.get("GENIMG_REQUIRE_PARITY"):
   import torch  # pylint: disable=g-import-not-at-top
+  import pytorch_fid.fid_score  # pylint: disable=g-import-not-at-top
+  import pytorch_fid.inception as pytorch_fid_inception  # pylint: disable=g-import-not-at-top
 else:
   torch = pytest.importorskip("torch")
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+  pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,8 @@ def test_fid_stats_files_and_distance_agree_with_pytorch_fid(tmp_path):
   """pytorch-fid reads `genimg fid-stats` files (and we read its), and its
   Frechet distance (scipy's sqrtm) equals ours on the same statistics."""
   from genimg_jax import quality  # pylint: disable=g-import-not-at-top
-  fid_score = pytest.importorskip("pytorch_fid.fid_score")
+  fid_score = pytest.importorskip("pytorch_fid.fid_score")  # Imported above
+  # when GENIMG_REQUIRE_PARITY is set.
   rng = np.random.default_rng(0)
   stats = []
   for i in range(2):
