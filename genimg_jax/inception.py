@@ -25,7 +25,6 @@ gets a .json with its own SHA-256, checked at load. Nothing downloads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Mapping
@@ -35,6 +34,8 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from genimg_jax import quality
 
 PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
 PTH_SHA256_PREFIX = "6726825d"  # torch hub's convention: the file name's hash.
@@ -250,14 +251,6 @@ def variables_from_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
   return flax.traverse_util.unflatten_dict(variables, sep=".")
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def convert_pth(pth_path: str, output_path: str,
                 check_hash: bool = True) -> dict:
   """pytorch-fid's .pth -> OUTPUT (msgpack variables) + OUTPUT.json (the
@@ -268,7 +261,7 @@ def convert_pth(pth_path: str, output_path: str,
         f"No file {pth_path!r}. pytorch-fid's weights are its release asset "
         f"{PTH_NAME} (pytorch-fid caches it in ~/.cache/torch/hub/"
         "checkpoints/ after its first run).")
-  source_sha = _sha256(pth_path)
+  source_sha = quality.file_sha256(pth_path)
   if check_hash and not source_sha.startswith(PTH_SHA256_PREFIX):
     raise ValueError(
         f"{pth_path!r} has SHA-256 {source_sha[:16]}..., not pytorch-fid's "
@@ -286,7 +279,8 @@ def convert_pth(pth_path: str, output_path: str,
   with open(output_path, "wb") as f:
     f.write(flax.serialization.msgpack_serialize(variables))
   meta = {"network": "fid_inception_v3", "source": os.path.basename(pth_path),
-          "source_sha256": source_sha, "sha256": _sha256(output_path)}
+          "source_sha256": source_sha,
+          "sha256": quality.file_sha256(output_path)}
   with open(output_path + ".json", "w") as f:
     json.dump(meta, f, indent=2)
   return meta
@@ -301,7 +295,7 @@ def load_variables(path: str) -> dict:
         f"{PTH_NAME} --output {path}`.")
   with open(path + ".json") as f:
     meta = json.load(f)
-  if _sha256(path) != meta["sha256"]:
+  if quality.file_sha256(path) != meta["sha256"]:
     raise ValueError(f"{path!r} does not match its SHA-256 {meta['sha256']}: "
                      "the file is corrupt or was changed; convert it again.")
   with open(path, "rb") as f:

@@ -193,8 +193,12 @@ def precision_recall(real_features_ND: np.ndarray,
 
 
 def file_sha256(path: str) -> str:
+  """Hex SHA-256 of a file, read in 1 MiB chunks."""
+  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def save_feature_network(state, model_config, path: str = FEATURE_NETWORK,

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from genimg_jax import inception
+from genimg_jax import inception, quality
 
 if os.environ.get("GENIMG_REQUIRE_PARITY"):
   import torch  # pylint: disable=g-import-not-at-top
@@ -100,8 +100,8 @@ def test_converter_records_checksums_and_rejects_corruption(torch_network,
                                                             converted,
                                                             tmp_path):
   path, meta = converted
-  assert meta["sha256"] == inception._sha256(path)
-  assert meta["source_sha256"] == inception._sha256(torch_network[2])
+  assert meta["sha256"] == quality.file_sha256(path)
+  assert meta["source_sha256"] == quality.file_sha256(torch_network[2])
   with pytest.raises(ValueError, match="6726825d"):
     inception.convert_pth(torch_network[2], str(tmp_path / "x.msgpack"))
   corrupt = tmp_path / "corrupt.msgpack"
@@ -122,7 +122,6 @@ def test_converter_rejects_a_state_dict_that_does_not_fit():
 def test_fid_stats_files_and_distance_agree_with_pytorch_fid(tmp_path):
   """pytorch-fid reads `genimg fid-stats` files (and we read its), and its
   Frechet distance (scipy's sqrtm) equals ours on the same statistics."""
-  from genimg_jax import quality  # pylint: disable=g-import-not-at-top
   fid_score = pytest.importorskip("pytorch_fid.fid_score")  # Imported above
   # when GENIMG_REQUIRE_PARITY is set.
   rng = np.random.default_rng(0)
