@@ -145,8 +145,10 @@ class ConvDecoder(nn.Module):
     x = x.reshape(-1, h // 4, w // 4, 64)
     x = nn.relu(layers.ConvTranspose2x(64, 3, dtype=self.dtype)(x))
     x = nn.relu(layers.ConvTranspose2x(32, 3, dtype=self.dtype)(x))
-    return nn.ConvTranspose(c * self.outputs_per_pixel, (3, 3), padding="SAME",
-                            dtype=self.dtype)(x).astype(jnp.float32)
+    # Named as the nn.ConvTranspose it replaces: same parameter tree.
+    return layers.ConvTransposeTaps(c * self.outputs_per_pixel, 3,
+                                    dtype=self.dtype, name="ConvTranspose_0")(
+                                        x).astype(jnp.float32)
 
 
 class VAE(nn.Module):
@@ -325,18 +327,22 @@ def log_mean_importance_weight(log_px_fn, mean_BZ, logvar_BZ, rng,
 
 def importance_weighted_bound(apply_fn, params, image_uint8, labels, rng,
                               settings: Settings, num_samples: int,
-                              chunk: int = 100) -> jax.Array:
+                              chunk: int = 100, decode_samples: int = 10
+                              ) -> jax.Array:
   """log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z|x): [B] nats.
 
   The model's `log_mean_importance_weight`. rng: split into the binarization
-  (one draw shared by all K samples) and the K latent draws.
+  (one draw shared by all K samples) and the K latent draws. The decoder sees
+  `decode_samples` x B latents at a time (a smaller working set: on CPU,
+  10 x 100 per device decodes 1.5x faster than 100 x 100); the draws are
+  those of `chunk`.
   """
   bin_rng, z_rng = jax.random.split(rng)
   x = model_input(image_uint8, settings.likelihood, bin_rng)
   variables = {"params": params}
   mean, logvar = apply_fn(variables, x, labels, method="encode")
 
-  def log_px_fn(z_kBZ):
+  def log_px_piece(z_kBZ):
     k = z_kBZ.shape[0]
     tile = lambda a: None if a is None else jnp.tile(a, (k,) + (1,) * (
         a.ndim - 1))
@@ -344,6 +350,12 @@ def importance_weighted_bound(apply_fn, params, image_uint8, labels, rng,
                        tile(labels), method="decode")
     return log_likelihood(settings.likelihood, tile(image_uint8), tile(x),
                           outputs).reshape(k, -1)
+
+  def log_px_fn(z_kBZ):
+    k = z_kBZ.shape[0]
+    piece = math.gcd(k, decode_samples)
+    pieces = z_kBZ.reshape(k // piece, piece, *z_kBZ.shape[1:])
+    return jax.lax.map(log_px_piece, pieces).reshape(k, -1)
 
   return log_mean_importance_weight(log_px_fn, mean, logvar, z_rng,
                                     num_samples, chunk)

@@ -66,3 +66,74 @@ def test_conv_transpose_1x_matches_flax(batch, size, cin, cout, kernel):
   _assert_same_as_flax(
       layers.ConvTranspose1x(cout, kernel),
       nn.ConvTranspose(cout, (kernel, kernel), padding="SAME"), x, bias=0.1)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_conv_transpose_taps_matches_lax(stride):
+  """One matmul and K*K shifted planes give lax's "SAME" transposed conv, for
+  odd and even kernels, kernels larger than the image and h != w."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+  for size in (1, 2, 3, 4, 5, 7):
+    k = jax.random.normal(jax.random.key(size), (size, size, 4, 3))
+    np.testing.assert_allclose(
+        layers.conv_transpose_taps(x, k, stride),
+        jax.lax.conv_transpose(x, k, (stride, stride), "SAME",
+                               dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        atol=1e-5, err_msg=f"kernel {size}")
+
+
+@pytest.mark.parametrize("batch,size,cin,cout,kernel", [
+    (2, 7, 16, 1, 3), (3, 5, 4, 3, 4), (1, 2, 2, 3, 5)])
+def test_conv_transpose_taps_layer_matches_flax(batch, size, cin, cout, kernel):
+  """The taps forward pass with lax's gradient: values and both gradients."""
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+  _assert_same_as_flax(
+      layers.ConvTransposeTaps(cout, kernel),
+      nn.ConvTranspose(cout, (kernel, kernel), padding="SAME"), x, bias=0.1)
+
+
+def test_forward_by_takes_values_from_one_and_gradient_from_the_other():
+  fn = layers.forward_by(lambda x: 2.0 * x, lambda x: 3.0 * x)
+  x = jnp.arange(3.0)
+  np.testing.assert_array_equal(fn(x), 2.0 * x)
+  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(fn(v)))(x),
+                                jnp.full(3, 3.0))
+
+
+def _forward_ops(fn, *args) -> list[str]:
+  """The primitives of fn's jaxpr; a dilated convolution as "dilated_conv"."""
+  ops = []
+  for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns:
+    name = str(eqn.primitive)
+    if name == "conv_general_dilated" and eqn.params["lhs_dilation"] != (1, 1):
+      name = "dilated_conv"
+    ops.append(name)
+  return ops
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_cpu_rewrites_only_on_cpu(monkeypatch, cpu):
+  """On another backend the native ops run (a GPU or TPU must not pay for CPU
+  tricks); on CPU the rewrites do. Same values either way."""
+  monkeypatch.setattr(layers, "cpu_rewrites", lambda: cpu)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 16))
+  pool = _forward_ops(lambda v: layers.max_pool_2x2(v), x)
+  assert ("reduce_window_max" in pool) != cpu, pool
+  np.testing.assert_array_equal(layers.max_pool_2x2(x),
+                                nn.max_pool(x, (2, 2), (2, 2)))
+  for ours, strides, native_op in (
+      (layers.ConvTranspose2x(8, 4), (2, 2), "dilated_conv"),
+      (layers.ConvTranspose1x(8, 4), (1, 1), "conv_general_dilated"),
+      (layers.ConvTransposeTaps(8, 3), (1, 1), "conv_general_dilated")):
+    variables = ours.init(jax.random.key(1), x)
+    ops = _forward_ops(lambda v: ours.apply(v, x), variables)
+    custom = [op for op in ops if op.startswith("custom_vjp")]
+    if cpu:  # The rewrites: the taps forward (a custom VJP) or 4 row convs.
+      assert custom or ops.count("conv_general_dilated") == 4, ops
+      assert "dilated_conv" not in ops, ops
+    else:  # One native transposed convolution.
+      assert not custom and ops.count(native_op) == 1, ops
+    flax_layer = nn.ConvTranspose(8, (ours.kernel_size,) * 2, strides,
+                                  padding="SAME")
+    np.testing.assert_allclose(ours.apply(variables, x),
+                               flax_layer.apply(variables, x), atol=1e-5)
