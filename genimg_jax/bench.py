@@ -6,12 +6,16 @@ step, blocking on the new state. Synthetic uint8 data by default, so the step
 is measured alone; `input="real"` includes the input pipeline. With a
 profile directory the timed steps also run under `jax.profiler.trace`, and
 the record lists the XLA ops that took the most time, with the model layer
-each came from.
+each came from. `sweep` doubles each model's batch on 1 device until it no
+longer fits (experiments/gpu_bench.sh). Each record's fraction of peak uses
+the peak of how its matmuls ran: bfloat16, TF32 (float32 on Ampere and newer
+GPUs by default) or float32.
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import glob
 import gzip
 import json
@@ -31,15 +35,17 @@ MODELS = {"cnn": "cnn.py", "resnet": "resnet.py",
           "dcgan": "dcgan.py", "vae": "vae_conv.py",
           "vae_mlp": "vae_mlp.py", "ddpm": "ddpm.py", "flow": "flow.py"}
 
-# Published dense peak FLOP/s per device: (substring of device_kind, float32,
-# bfloat16). float32 on GPUs is the non-tensor-core rate.
+# Published dense (not sparse) peak FLOP/s per device: (substring of
+# device_kind, float32, tensorfloat32, bfloat16), first match wins. float32 on
+# GPUs is the non-tensor-core rate; tensorfloat32 is None where there is none.
 PEAK_FLOPS = (
-    ("H100", 67e12, 989e12), ("H200", 67e12, 989e12),
-    ("A100", 19.5e12, 312e12), ("V100", 15.7e12, 125e12),
-    ("L4", 30.3e12, 121e12), ("TPU v4", 275e12, 275e12),
-    ("TPU v5 lite", 197e12, 197e12), ("TPU v5e", 197e12, 197e12),
-    ("TPU v5p", 459e12, 459e12), ("TPU v5", 459e12, 459e12),
-    ("TPU v6", 918e12, 918e12),
+    ("H100 PCIe", 51.2e12, 378e12, 756e12),
+    ("H100", 67e12, 494.7e12, 989e12), ("H200", 67e12, 494.7e12, 989e12),
+    ("A100", 19.5e12, 156e12, 312e12), ("V100", 15.7e12, None, 125e12),
+    ("L4", 30.3e12, 60e12, 121e12), ("TPU v4", 275e12, None, 275e12),
+    ("TPU v5 lite", 197e12, None, 197e12), ("TPU v5e", 197e12, None, 197e12),
+    ("TPU v5p", 459e12, None, 459e12), ("TPU v5", 459e12, None, 459e12),
+    ("TPU v6", 918e12, None, 918e12),
 )
 
 
@@ -56,12 +62,46 @@ def measured_cpu_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5):
   return 2 * n**3 / best
 
 
-def peak_flops(device, dtype: str) -> tuple[float, str]:
-  """(peak FLOP/s of one device, where the number comes from)."""
-  for name, f32, bf16 in PEAK_FLOPS:
+def float32_matmul(device) -> str:
+  """How `device` runs float32 matmuls and convolutions under the current
+  `jax_default_matmul_precision`: "tf32", "float32" or "n/a" (TPUs).
+
+  XLA lets NVIDIA GPUs of compute capability 8.0 and up (Ampere, Hopper, ...)
+  round float32 operands to TensorFloat-32 unless the precision is the
+  highest ("highest", "float32", "F32_F32_F32") or NVIDIA_TF32_OVERRIDE=0.
+  CPUs compute in float32; TPUs' passes of bfloat16 are not tracked here.
+  """
+  if device.platform == "cpu":
+    return "float32"
+  if device.platform != "gpu":
+    return "n/a"
+  try:
+    major = int(str(getattr(device, "compute_capability", "")).split(".")[0])
+  except ValueError:  # Not an NVIDIA GPU (ROCm names a gfx target).
+    return "n/a"
+  precision = jax.config.jax_default_matmul_precision
+  if (major < 8 or os.environ.get("NVIDIA_TF32_OVERRIDE") == "0" or
+      precision in ("highest", "float32", "F32_F32_F32")):
+    return "float32"
+  return "tf32"
+
+
+def peak_flops(device, dtype: str,
+               matmul: str = "float32") -> tuple[float, str, str]:
+  """(peak FLOP/s of one device, where the number comes from, its kind).
+
+  matmul: `float32_matmul(device)`; with "tf32" a float32 step is held to
+  the TensorFloat-32 peak. kind: "bf16", "tf32" or "fp32".
+  """
+  for name, f32, tf32, bf16 in PEAK_FLOPS:
     if name.lower() in device.device_kind.lower():
-      return (bf16 if dtype == "bfloat16" else f32), "published"
-  return measured_cpu_peak(jnp.dtype(dtype)), "measured matmul"
+      if dtype == "bfloat16":
+        return bf16, "published", "bf16"
+      if matmul == "tf32" and tf32:
+        return tf32, "published", "tf32"
+      return f32, "published", "fp32"
+  kind = "bf16" if dtype == "bfloat16" else "fp32"
+  return measured_cpu_peak(jnp.dtype(dtype)), "measured matmul", kind
 
 
 def load_model_config(model: str, batch: int, dtype: str, devices: int):
@@ -198,18 +238,19 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
       jax.profiler.stop_trace()
 
   device = mesh.devices.flat[0]
-  peak, peak_source = peak_flops(device, dtype)
+  matmul = float32_matmul(device)
+  peak, peak_source, peak_kind = peak_flops(device, dtype, matmul)
   median = statistics.median(times)
   record = {
       "model": model, "batch": batch, "devices": int(mesh.devices.size),
       "device_kind": device.device_kind, "platform": device.platform,
-      "dtype": dtype, "input": input_pipeline,
+      "dtype": dtype, "float32_matmul": matmul, "input": input_pipeline,
       "compile_s": compile_s, "step_ms_median": 1e3 * median,
       "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
       "images_per_s": batch / median, "flops_per_step": flops,
       "flops_per_s": flops / median,
       "peak_flops_per_s": peak * mesh.devices.size,
-      "peak_source": peak_source,
+      "peak_source": peak_source, "peak_kind": peak_kind,
       "fraction_of_peak": flops / median / (peak * mesh.devices.size),
   }
   if trace_dir:
@@ -273,3 +314,146 @@ def run(models: list[str], batches: list[int], devices: list[int],
       for r in records:
         f.write(json.dumps(r) + "\n")
   return records
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether `error` is XLA running out of device (or host) memory."""
+  if isinstance(error, MemoryError):
+    return True
+  text = str(error).lower()
+  return isinstance(error, jax.errors.JaxRuntimeError) and (
+      "resource_exhausted" in text or "out of memory" in text)
+
+
+def format_sweep_table(records: list[dict]) -> str:
+  """The sweep's table: one row per run, skipped combinations at the end.
+
+  limit (on a combination's last run): oom@B (batch B did not fit, so this
+  is the largest that fits), max_batch (the largest batch asked for) or
+  time (the budget stopped the doubling).
+  """
+  runs = [r for r in records if "skipped" not in r]
+  lines = []
+  if runs:
+    kinds = sorted({r["device_kind"] for r in runs})
+    matmuls = sorted({r["float32_matmul"] for r in runs if
+                      r["dtype"] == "float32"})
+    lines.append(f"device: {', '.join(kinds)}, 1 device; float32 matmuls ran "
+                 f"as: {', '.join(matmuls) or 'n/a'}")
+  header = (f"{'model':8} {'dtype':8} {'batch':>6} {'step ms':>9} "
+            f"{'images/s':>10} {'GFLOP/step':>10} {'TFLOP/s':>8} "
+            f"{'peak':>7} {'kind':4} {'%peak':>6} {'limit':>9}")
+  lines += [header, "-" * len(header)]
+  for r in runs:
+    limit = r.get("stop", "")
+    if limit == "oom":
+      limit = f"oom@{r['oom_batch']}"
+    lines.append(
+        f"{r['model']:8} {r['dtype']:8} {r['batch']:6d} "
+        f"{r['step_ms_median']:9.2f} {r['images_per_s']:10.0f} "
+        f"{r['flops_per_step'] / 1e9:10.3f} {r['flops_per_s'] / 1e12:8.2f} "
+        f"{r['peak_flops_per_s'] / 1e12:7.1f} {r['peak_kind']:4} "
+        f"{100 * r['fraction_of_peak']:6.2f} {limit:>9}")
+  for r in records:
+    if "skipped" in r:
+      lines.append(f"{r['model']:8} {r['dtype']:8} skipped: {r['skipped']}")
+  return "\n".join(lines)
+
+
+def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
+          max_batch: int = 8192, time_budget_s: float = 420.0,
+          steps: int = 10, warmup: int = 2, output: str | None = None,
+          clock=time.monotonic) -> list[dict]:
+  """Times each model and dtype on 1 device, doubling the batch from
+  `start_batch` until it runs out of memory, passes `max_batch` or would
+  overrun the time budget; prints and returns the records.
+
+  Each (model, dtype) gets an equal share of the budget left when it starts
+  (time a fast one leaves goes to the later ones); after a run, the next
+  (twice the batch) is expected to take as long again plus its steps' time
+  again, and is not started if that overruns the share. A combination's
+  first run starts whenever some budget is left. A combination's last run
+  gets "stop" ("oom", "max_batch" or "time") and "largest_fitting" (True
+  only after an out-of-memory error at twice its batch, then "oom_batch").
+  Combinations not run are {"model", "dtype", "batch", "skipped"} records.
+  Each record is appended to `output` (JSON lines) as soon as it exists, so
+  a run killed from outside keeps what it measured.
+  """
+  if start_batch > max_batch:
+    raise ValueError(f"start batch {start_batch} > max batch {max_batch}")
+  for dtype in dtypes:
+    if dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"Unknown dtype {dtype!r}: float32 or bfloat16")
+  if models == ["all"]:
+    models = sorted(MODELS)
+  combos = [(m, d) for m in models for d in dtypes]
+  records = []
+  if output:
+    with open(output, "a") as f:
+      offset = f.tell()
+
+  def emit(record=None):
+    """Adds `record`, then rewrites this sweep's lines of `output`."""
+    if record:
+      records.append(record)
+    if output:
+      with open(output, "r+") as f:
+        f.seek(offset)
+        f.truncate()
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+  start = clock()
+  for index, (model, dtype) in enumerate(combos):
+    left = time_budget_s - (clock() - start)
+    if left <= 0:
+      emit({"model": model, "dtype": dtype, "batch": start_batch,
+            "skipped": f"time budget of {time_budget_s:g} s spent"})
+      print(f"{model} {dtype}: skipped, time budget spent", flush=True)
+      continue
+    share = left / (len(combos) - index)
+    combo_start = clock()
+    batch, last, stop, oom_batch = start_batch, None, "max_batch", None
+    while batch <= max_batch:
+      run_start = clock()
+      try:
+        record = bench_one(model, batch, steps, warmup=warmup, dtype=dtype,
+                           devices=1)
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_out_of_memory(e):
+          raise
+        stop, oom_batch = "oom", batch
+        print(f"{model} {dtype} batch {batch}: out of memory", flush=True)
+        break
+      finally:
+        gc.collect()  # Frees the state (and, after an error, its traceback).
+        jax.clear_caches()
+      last = record
+      emit(record)
+      print(f"{model} {dtype} batch {batch}: {record['step_ms_median']:.2f} "
+            f"ms, {record['images_per_s']:.0f} images/s, "
+            f"{100 * record['fraction_of_peak']:.2f}% of peak", flush=True)
+      elapsed = clock() - run_start
+      expected = elapsed + (warmup + steps) * record["step_ms_median"] / 1e3
+      if batch * 2 <= max_batch and (
+          clock() - combo_start + expected > share or
+          clock() - start + expected > time_budget_s):
+        stop = "time"
+        break
+      batch *= 2
+    if last is None:
+      emit({"model": model, "dtype": dtype, "batch": start_batch,
+            "skipped": f"out of memory at batch {start_batch}"})
+      continue
+    last["stop"] = stop
+    last["largest_fitting"] = stop == "oom"
+    if stop == "oom":
+      last["oom_batch"] = oom_batch
+    emit()
+  print(format_sweep_table(records), flush=True)
+  return records
+
+
+def read_records(path: str) -> list[dict]:
+  """The records of a JSON lines file (for the table of a killed sweep)."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

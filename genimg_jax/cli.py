@@ -12,6 +12,8 @@
       [--config.feature_network=inception:inception.msgpack]
   genimg compile --config experiments/ddpm.py [--topology v5e:4x4]
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
+  genimg bench --sweep --model all [--dtypes float32,bfloat16 --batch 128 \
+      --max-batch 8192 --time-budget 420 --matmul-precision highest]
 """
 
 from __future__ import annotations
@@ -105,8 +107,10 @@ def _parser():
   bench = sub.add_parser("bench", help="time compiled train steps")
   bench.add_argument("--model", default="cnn",
                      help="comma-separated model names, or all")
-  bench.add_argument("--batch", default="128", help="comma-separated sizes")
-  bench.add_argument("--steps", type=int, default=20)
+  bench.add_argument("--batch", default="128",
+                     help="comma-separated sizes (--sweep: the first)")
+  bench.add_argument("--steps", type=int, default=None,
+                     help="timed steps (default 20; --sweep: 10)")
   bench.add_argument("--dtype", default="float32",
                      choices=["float32", "bfloat16"])
   bench.add_argument("--devices", default="0",
@@ -120,6 +124,20 @@ def _parser():
   bench.add_argument("--profile", default="",
                      help="DIR: trace the timed steps with jax.profiler "
                           "(Perfetto/TensorBoard) and print the top XLA ops")
+  bench.add_argument("--sweep", action="store_true",
+                     help="on 1 device, double each model's batch from "
+                          "--batch until out of memory, --max-batch or the "
+                          "time budget, for each of --dtypes")
+  bench.add_argument("--dtypes", default="float32,bfloat16",
+                     help="--sweep: comma-separated dtypes")
+  bench.add_argument("--max-batch", type=int, default=8192,
+                     help="--sweep: the largest batch tried")
+  bench.add_argument("--time-budget", type=float, default=420,
+                     help="--sweep: seconds for the whole sweep")
+  bench.add_argument("--matmul-precision", default="",
+                     help="sets jax_default_matmul_precision, e.g. highest: "
+                          "true float32 matmuls on GPUs (default: TF32 on "
+                          "Ampere and newer)")
   return parser
 
 
@@ -167,10 +185,19 @@ def main(argv=None) -> int:
       metrics = train.export_feature_network(args.workdir, args.output)
     else:
       from genimg_jax import bench  # pylint: disable=g-import-not-at-top
+      import jax  # pylint: disable=g-import-not-at-top
       ints = lambda text: [int(x) for x in text.split(",")]
-      bench.run(args.model.split(","), ints(args.batch), ints(args.devices),
-                args.steps, args.dtype, args.input, args.output or None,
-                args.profile or None)
+      if args.matmul_precision:
+        jax.config.update("jax_default_matmul_precision",
+                          args.matmul_precision)
+      if args.sweep:
+        bench.sweep(args.model.split(","), args.dtypes.split(","),
+                    ints(args.batch)[0], args.max_batch, args.time_budget,
+                    args.steps or 10, output=args.output or None)
+      else:
+        bench.run(args.model.split(","), ints(args.batch), ints(args.devices),
+                  args.steps or 20, args.dtype, args.input,
+                  args.output or None, args.profile or None)
       metrics = None
   except known_errors as e:
     print(f"genimg {args.command}: error: {e}", file=sys.stderr)

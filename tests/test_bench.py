@@ -134,3 +134,143 @@ def test_bench_cli_with_the_real_input_pipeline(tmp_path, idx_dir, monkeypatch,
   assert record["input"] == "real" and record["devices"] == 2
   assert record["model"] == "vae" and record["flops_per_step"] > 0
   assert "vae" in capsys.readouterr().out
+
+
+def _fake_record(model, batch, steps, warmup=2, dtype="float32", devices=1):
+  """What bench_one returns, without compiling anything."""
+  del steps, warmup
+  return {"model": model, "batch": batch, "devices": devices, "dtype": dtype,
+          "device_kind": "cpu", "float32_matmul": "float32",
+          "step_ms_median": 1.0, "images_per_s": batch * 1e3,
+          "flops_per_step": 1e9, "flops_per_s": 1e12,
+          "peak_flops_per_s": 1e13, "peak_kind": "fp32",
+          "fraction_of_peak": 0.1}
+
+
+def test_sweep_doubles_the_batch_for_each_dtype(tmp_path, capsys):
+  out = tmp_path / "sweep.jsonl"
+  out.write_text('{"earlier": 1}\n')  # Lines of an earlier run stay.
+  records = bench.sweep(["cnn"], ["float32", "bfloat16"], start_batch=8,
+                        max_batch=16, steps=2, warmup=1, output=str(out))
+  assert [(r["dtype"], r["batch"], r["devices"]) for r in records] == [
+      ("float32", 8, 1), ("float32", 16, 1), ("bfloat16", 8, 1),
+      ("bfloat16", 16, 1)]
+  assert [r.get("stop") for r in records] == [None, "max_batch"] * 2
+  assert not any(r.get("largest_fitting") for r in records)
+  assert records[0]["float32_matmul"] == "float32"  # A CPU.
+  assert records[2]["peak_kind"] == "bf16"
+  lines = bench.read_records(str(out))
+  assert lines == [{"earlier": 1}] + records
+  table = capsys.readouterr().out
+  assert "float32 matmuls ran as: float32" in table
+  assert table.count("max") == 2
+
+
+def test_sweep_stops_doubling_at_out_of_memory(monkeypatch):
+  calls = []
+
+  def fake(model, batch, steps, warmup=2, dtype="float32", devices=1):
+    calls.append((dtype, batch))
+    if batch >= (32 if dtype == "float32" else 8):
+      raise jax.errors.JaxRuntimeError(
+          "RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    return _fake_record(model, batch, steps, warmup, dtype, devices)
+  monkeypatch.setattr(bench, "bench_one", fake)
+  records = bench.sweep(["cnn"], ["float32", "bfloat16"], start_batch=8,
+                        max_batch=1024)
+  assert calls == [("float32", 8), ("float32", 16), ("float32", 32),
+                   ("bfloat16", 8)]
+  assert [r["batch"] for r in records] == [8, 16, 8]
+  assert records[1]["stop"] == "oom" and records[1]["largest_fitting"]
+  assert records[1]["oom_batch"] == 32
+  assert records[2]["skipped"] == "out of memory at batch 8"
+
+  # The error XLA raises for an allocation too large, as the sweep sees it.
+  with pytest.raises(Exception) as error:
+    jax.jit(lambda: jnp.zeros((1 << 45,)))()
+  assert bench.is_out_of_memory(error.value)
+
+  def broken(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+  monkeypatch.setattr(bench, "bench_one", broken)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    bench.sweep(["cnn"], ["float32"], start_batch=8, max_batch=16)
+
+
+def test_sweep_keeps_to_the_time_budget(monkeypatch, capsys):
+  now = [0.0]
+
+  def fake(*args, **kwargs):
+    now[0] += 10  # Each run takes 10 s.
+    return _fake_record(*args, **kwargs)
+  monkeypatch.setattr(bench, "bench_one", fake)
+  # 30 s for 4 combinations, 10 s a run: each of the first three gets one
+  # run (a second would end past its share), the fourth finds none left.
+  records = bench.sweep(["cnn", "vae"], ["float32", "bfloat16"],
+                        start_batch=8, max_batch=64,
+                        time_budget_s=30, clock=lambda: now[0])
+  assert [(r["model"], r["dtype"], r["batch"]) for r in records] == [
+      ("cnn", "float32", 8), ("cnn", "bfloat16", 8), ("vae", "float32", 8),
+      ("vae", "bfloat16", 8)]
+  assert [r.get("stop") for r in records[:3]] == ["time"] * 3
+  assert "skipped" in records[3] and "skipped" not in records[2]
+  # A long budget lets the same fake sweep double up to max_batch.
+  records = bench.sweep(["cnn"], ["float32"], start_batch=8, max_batch=64,
+                        time_budget_s=1000, clock=lambda: now[0])
+  assert [r["batch"] for r in records] == [8, 16, 32, 64]
+  assert records[-1]["stop"] == "max_batch"
+  # No budget: nothing runs, every combination is a skipped line.
+  monkeypatch.setattr(bench, "bench_one", None)
+  records = bench.sweep(["cnn"], ["float32", "bfloat16"], start_batch=8,
+                        max_batch=16, time_budget_s=0)
+  assert all("time budget" in r["skipped"] for r in records)
+  assert "skipped: time budget" in capsys.readouterr().out
+
+
+def test_float32_matmul_and_its_peak_on_gpus(monkeypatch):
+  h100 = type("Device", (), {"platform": "gpu", "compute_capability": "9.0",
+                             "device_kind": "NVIDIA H100 80GB HBM3"})()
+  v100 = type("Device", (), {"platform": "gpu", "compute_capability": "7.0",
+                             "device_kind": "Tesla V100-SXM2-16GB"})()
+  monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+  assert bench.float32_matmul(h100) == "tf32"
+  assert bench.float32_matmul(v100) == "float32"
+  assert bench.float32_matmul(jax.devices()[0]) == "float32"  # CPU.
+  for precision in ("highest", "float32"):
+    with jax.default_matmul_precision(precision):
+      assert bench.float32_matmul(h100) == "float32"
+  with jax.default_matmul_precision("tensorfloat32"):
+    assert bench.float32_matmul(h100) == "tf32"
+  monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
+  assert bench.float32_matmul(h100) == "float32"
+  assert bench.peak_flops(h100, "float32", "tf32") == (
+      494.7e12, "published", "tf32")
+  assert bench.peak_flops(h100, "float32", "float32") == (
+      67e12, "published", "fp32")
+  assert bench.peak_flops(h100, "bfloat16", "tf32") == (
+      989e12, "published", "bf16")
+  # No TF32 on a V100: its float32 peak even if asked for tf32.
+  assert bench.peak_flops(v100, "float32", "tf32")[2] == "fp32"
+
+
+def test_bench_cli_sweep(tmp_path, monkeypatch, capsys):
+  from genimg_jax import cli  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def fake(*args, **kwargs):
+    seen.append(jax.config.jax_default_matmul_precision)
+    return _fake_record(*args, **kwargs)
+  monkeypatch.setattr(bench, "bench_one", fake)
+  out = tmp_path / "s.jsonl"
+  try:
+    assert cli.main(["bench", "--sweep", "--model", "cnn,vae", "--dtypes",
+                     "float32", "--batch", "32", "--max-batch", "64",
+                     "--matmul-precision", "highest", "--output",
+                     str(out)]) == 0
+  finally:
+    jax.config.update("jax_default_matmul_precision", None)
+  records = bench.read_records(str(out))
+  assert [(r["model"], r["batch"]) for r in records] == [
+      ("cnn", 32), ("cnn", 64), ("vae", 32), ("vae", 64)]
+  assert seen == ["highest"] * 4
+  assert "images/s" in capsys.readouterr().out
