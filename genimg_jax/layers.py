@@ -209,14 +209,17 @@ class _ConvTransposeSame(nn.Module):
 class ConvTranspose1x(_ConvTransposeSame):
   """`nn.ConvTranspose(features, (k, k), padding="SAME")` (stride 1).
 
-  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
-  computed by `conv_transpose_stride1`, which skips the zero-padded rows.
+  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs. On
+  CPU the forward pass is `conv_transpose_taps` (1.3x faster for the DCGAN
+  generator's 256 -> 128 on 7x7) and the gradient that of
+  `conv_transpose_stride1`, which skips the zero-padded rows.
   """
 
   def transpose_conv(self, x_BHWC, kernel_KKIO):
     if not cpu_rewrites():
       return _lax_conv_transpose(1)(x_BHWC, kernel_KKIO)
-    return conv_transpose_stride1(x_BHWC, kernel_KKIO)
+    taps = lambda x, k: conv_transpose_taps(x, k, 1)
+    return forward_by(taps, conv_transpose_stride1)(x_BHWC, kernel_KKIO)
 
 
 class ConvTransposeTaps(_ConvTransposeSame):
