@@ -67,6 +67,8 @@ def get_data_config(dataset: str = "fashion_mnist"):
   data.image_shape = image_shape
   data.num_classes = num_classes
   data.center_crop = center_crop  # 0: none.
+  # Threads that read, decode and resize TFDS data on demand; 0: min(8, CPUs).
+  data.num_workers = 0
   return data
 
 

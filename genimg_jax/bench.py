@@ -105,11 +105,15 @@ def peak_flops(device, dtype: str,
 
 
 def load_model_config(model: str, batch: int, dtype: str, devices: int):
-  if model not in MODELS:
+  """The experiment config of `model`, which may end in :ARG, the config's
+  argument (e.g. dcgan:celeb_a64, to time the CelebA input pipeline)."""
+  name, arg = config_lib.split_config_arg(model)
+  if name not in MODELS:
     raise config_lib.ConfigError(
-        f"Unknown model {model!r} for bench; choose from {sorted(MODELS)} "
-        "or all.")
-  config = config_lib.load_config_file(MODELS[model])  # The installed one.
+        f"Unknown model {name!r} for bench; choose from {sorted(MODELS)} "
+        "or all (each may end in :ARG, the config's argument).")
+  path = MODELS[name] + (f":{arg}" if arg else "")
+  config = config_lib.load_config_file(path)  # The installed one.
   return config_lib.apply_overrides(config, [
       f"batch_size={batch}", f"model.dtype={dtype}",
       f"mesh.num_devices={devices}", "num_steps=1000"])
@@ -121,7 +125,7 @@ def synthetic_batch(config, mesh) -> dict:
   n = config.batch_size // jax.process_count()
   local = {"image": rng.integers(0, 256, (n, *config.data.image_shape),
                                  dtype=np.uint8),
-           "label": rng.integers(0, config.data.num_classes, (n,),
+           "label": rng.integers(0, max(config.data.num_classes, 1), (n,),
                                  dtype=np.int32)}
   return data.to_global_array(local, mesh)
 

@@ -13,6 +13,7 @@ Pixels travel as uint8; the train steps convert them on device.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gzip
 import os
@@ -131,24 +132,83 @@ def load_idx_split(directory: str, split: str) -> ArraySource:
 # TFDS.
 
 
+def default_num_workers() -> int:
+  """Threads that read, decode and resize a batch: min(8, CPU count)."""
+  return min(8, os.cpu_count() or 1)
+
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _map_chunks(fn, items, num_workers: int) -> list:
+  """`fn` over `num_workers` contiguous chunks of `items`, in order.
+
+  `fn` maps a chunk (a slice of `items`) to a list of results, one per item;
+  the lists are joined in the order of `items`, whichever chunk finishes
+  first. Chunks run on a thread pool shared by every source with the same
+  `num_workers` (PIL's decoders and resize release the GIL); `fn` must not
+  itself submit work to that pool.
+  """
+  n = min(num_workers, len(items))
+  if n <= 1:
+    return list(fn(items))
+  with _POOLS_LOCK:
+    if num_workers not in _POOLS:
+      _POOLS[num_workers] = concurrent.futures.ThreadPoolExecutor(
+          num_workers, thread_name_prefix=f"genimg_data{num_workers}")
+    pool = _POOLS[num_workers]
+  bounds = np.linspace(0, len(items), n + 1).astype(int)
+  chunks = [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+  return [y for ys in pool.map(fn, chunks) for y in ys]
+
+
+def _reads_batches(data_source) -> bool:
+  """Whether `data_source.__getitems__(keys)` reads a batch in one call.
+
+  TFDS's ArrayRecord data sources have it (reads grouped per file, in
+  parallel). Under `tfds.testing.mock_data` (tfds 4.9.10) the mocked reader's
+  `__getitems__` is a partial that misses `self` and raises TypeError, so
+  mocked sources are read one index at a time.
+  """
+  if not callable(getattr(data_source, "__getitems__", None)):
+    return False
+  inner = type(getattr(data_source, "data_source", None))
+  return not any(c.__module__.startswith("tensorflow_datasets.testing")
+                 for c in inner.__mro__)
+
+
 class TfdsSource:
-  """Random access to a TFDS split through `tfds.data_source` (no TensorFlow)."""
+  """Random access to a TFDS split through `tfds.data_source` (no TensorFlow).
+
+  `take` splits the indices into `num_workers` contiguous chunks (0: the
+  default, `default_num_workers()`) and reads and decodes them on that many
+  threads: one `__getitems__` call per chunk where the data source has it
+  (TFDS's ArrayRecord sources do), else one `__getitem__` per index.
+  """
 
   def __init__(self, data_source, image_key: str = "image",
-               label_key: str = "label"):
+               label_key: str = "label", num_workers: int = 0):
     self._source = data_source
     self._image_key = image_key
     self._label_key = label_key
+    self._num_workers = num_workers or default_num_workers()
+    self._batched = _reads_batches(data_source)
 
   def __len__(self) -> int:
     return len(self._source)
 
+  def _read(self, keys: list[int]) -> list[dict]:
+    if self._batched:
+      return list(self._source.__getitems__(keys))
+    return [self._source[i] for i in keys]
+
   def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    examples = [self._source[int(i)] for i in indices]
+    keys = [int(i) for i in indices]
+    examples = _map_chunks(self._read, keys, self._num_workers)
     return {"image": np.stack([e[self._image_key] for e in examples]),
             "label": np.asarray([e.get(self._label_key, 0) for e in examples],
                                 np.int32)}
-
 
 
 def to_arrays(source) -> ArraySource:
@@ -162,13 +222,17 @@ class CenterCropResize:
   resized to `size` (height, width) with PIL's antialiased bicubic filter.
 
   The DCGAN-era preprocessing of CelebA (218 x 178 -> crop 140 -> 64 x 64).
-  Done on the host, so only the small images travel to the device.
+  Done on the host, so only the small images travel to the device; on
+  `num_workers` threads (0: `default_num_workers()`), with the same result
+  as one thread.
   """
 
-  def __init__(self, source, crop: int, size: tuple[int, int]):
+  def __init__(self, source, crop: int, size: tuple[int, int],
+               num_workers: int = 0):
     self._source = source
     self._crop = crop
     self._size = tuple(size)
+    self._num_workers = num_workers or default_num_workers()
 
   def __len__(self) -> int:
     return len(self._source)
@@ -185,16 +249,20 @@ class CenterCropResize:
     out = np.asarray(pil.resize(self._size[::-1], Image.Resampling.BICUBIC))
     return out.reshape(*self._size, c)
 
+  def _resize_all(self, images_NHWC) -> list[np.ndarray]:
+    return [self._resize(np.asarray(image, np.uint8)) for image in images_NHWC]
+
   def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     batch = self._source.take(indices)
-    batch["image"] = np.stack([self._resize(np.asarray(image, np.uint8))
-                               for image in batch["image"]])
+    batch["image"] = np.stack(_map_chunks(self._resize_all, batch["image"],
+                                          self._num_workers))
     return batch
 
 
 def load_tfds_split(name: str, split: str, data_dir: str | None = None,
-                    download: bool = False) -> TfdsSource:
-  """Opens `split` of the TFDS data set `name` for random access."""
+                    download: bool = False, num_workers: int = 0) -> TfdsSource:
+  """Opens `split` of the TFDS data set `name` for random access, read and
+  decoded on `num_workers` threads (0: `default_num_workers()`)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=data_dir or None,
@@ -208,7 +276,8 @@ def load_tfds_split(name: str, split: str, data_dir: str | None = None,
   if download:
     builder.download_and_prepare(file_format="array_record")
   try:
-    return TfdsSource(builder.as_data_source(split=split))
+    return TfdsSource(builder.as_data_source(split=split),
+                      num_workers=num_workers)
   except KeyError:
     raise DataError(
         f"TFDS data set {name!r} has no prepared {split!r} split in "
@@ -224,16 +293,20 @@ def load_split(data_config, split: str) -> ArraySource | TfdsSource:
   `data_config.idx_dir` (if set) wins over `data_config.name` read via TFDS.
   Small data sets are read into memory when `data_config.in_memory` is set;
   `data_config.center_crop` > 0 crops the central square of that size and
-  resizes it to `image_shape` (CelebA at 64 x 64).
+  resizes it to `image_shape` (CelebA at 64 x 64). TFDS reads, decoding and
+  resizing run on `data_config.num_workers` threads if the config has that
+  field (0 or absent: `default_num_workers()`).
   """
+  num_workers = data_config.get("num_workers", 0)
   if data_config.idx_dir:
     source = load_idx_split(data_config.idx_dir, split)
   else:
     source = load_tfds_split(data_config.name, split,
-                             data_config.tfds_data_dir, data_config.download)
+                             data_config.tfds_data_dir, data_config.download,
+                             num_workers)
   if data_config.get("center_crop", 0):
     source = CenterCropResize(source, data_config.center_crop,
-                              tuple(data_config.image_shape[:2]))
+                              tuple(data_config.image_shape[:2]), num_workers)
   if data_config.in_memory and not isinstance(source, ArraySource):
     source = to_arrays(source)
   if len(source) == 0:

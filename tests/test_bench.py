@@ -274,3 +274,17 @@ def test_bench_cli_sweep(tmp_path, monkeypatch, capsys):
       ("cnn", 32), ("cnn", 64), ("vae", 32), ("vae", 64)]
   assert seen == ["highest"] * 4
   assert "images/s" in capsys.readouterr().out
+
+
+def test_bench_real_input_on_mock_celeba():
+  """`--model dcgan:celeb_a64 --input real`: the config's argument picks the
+  data set (unlabelled), whose on-demand pipeline (read, crop, resize) feeds
+  the steps."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=64):
+    record = bench.bench_one("dcgan:celeb_a64", 8, steps=2, warmup=1,
+                             devices=1, input_pipeline="real")
+  assert record["model"] == "dcgan:celeb_a64" and record["input"] == "real"
+  assert record["flops_per_step"] > 0 and record["step_ms_median"] > 0
+  with pytest.raises(Exception, match="Unknown model 'gan'"):
+    bench.load_model_config("gan:celeb_a64", 8, "float32", 1)

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import time
 
 import jax
 import numpy as np
@@ -172,3 +173,82 @@ def test_debian_fashion_mnist():
   assert np.bincount(test.labels).tolist() == [1000] * 10
   # The first training image is an ankle boot (class 9), as in the original.
   assert train.labels[0] == 9 and test.labels[0] == 9
+
+
+class _RecordingSource:
+  """A data source of example dicts that records how it is read; a chunk's
+  `__getitems__` call sleeps longer the earlier its first key, so threads
+  finish in the reverse of the batch order."""
+
+  def __init__(self, num_examples: int, batched: bool):
+    self.images = np.random.default_rng(0).integers(
+        0, 256, (num_examples, 218, 178, 3), np.uint8)
+    self.getitem_calls, self.getitems_calls = [], []
+    if batched:
+      self.__getitems__ = self._getitems
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    self.getitem_calls.append(i)
+    return {"image": self.images[i], "label": i}
+
+  def _getitems(self, keys):
+    self.getitems_calls.append(list(keys))
+    time.sleep(0.05 * (len(self.images) - keys[0]) / len(self.images))
+    return [{"image": self.images[i], "label": i} for i in keys]
+
+
+def test_tfds_source_reads_a_batch_per_call():
+  fake = _RecordingSource(40, batched=True)
+  indices = np.random.default_rng(1).permutation(40)[:24]
+  batch = data.TfdsSource(fake, num_workers=1).take(indices)
+  assert fake.getitems_calls == [indices.tolist()] and not fake.getitem_calls
+  np.testing.assert_array_equal(batch["label"], indices)
+  np.testing.assert_array_equal(batch["image"], fake.images[indices])
+  # On 3 threads: 3 contiguous chunks, one call each, joined in order.
+  fake.getitems_calls.clear()
+  batch = data.TfdsSource(fake, num_workers=3).take(indices)
+  assert sorted(fake.getitems_calls) == sorted(
+      [indices[:8].tolist(), indices[8:16].tolist(), indices[16:].tolist()])
+  assert not fake.getitem_calls
+  np.testing.assert_array_equal(batch["label"], indices)
+  np.testing.assert_array_equal(batch["image"], fake.images[indices])
+
+
+def test_tfds_source_without_getitems_reads_each_index():
+  fake = _RecordingSource(10, batched=False)
+  batch = data.TfdsSource(fake, num_workers=4).take(np.array([7, 2, 9]))
+  assert sorted(fake.getitem_calls) == [2, 7, 9]
+  np.testing.assert_array_equal(batch["label"], [7, 2, 9])
+
+
+def test_threaded_crop_resize_equals_one_thread():
+  indices = np.random.default_rng(2).permutation(48)[:37]
+  batches = []
+  for workers in (1, 2, 5):
+    fake = _RecordingSource(48, batched=True)
+    source = data.CenterCropResize(
+        data.TfdsSource(fake, num_workers=workers), 140, (64, 64), workers)
+    batches.append(source.take(indices))
+  # The reference: the single-threaded loop the pipeline used to run.
+  expected = np.stack([source._resize(image) for image in fake.images[indices]])
+  for batch in batches:
+    assert batch["image"].shape == (37, 64, 64, 3)
+    np.testing.assert_array_equal(batch["image"], expected)
+    np.testing.assert_array_equal(batch["label"], indices)
+
+
+def test_celeba_shaped_mock_data_through_load_split():
+  config = tiny_config("", **{"data.name": "celeb_a", "data.center_crop": 140,
+                              "data.image_shape": "(64, 64, 3)",
+                              "data.num_classes": 0, "data.in_memory": False})
+  with tfds.testing.mock_data(num_examples=20):
+    source = data.load_split(config.data, "train")
+    one = data.CenterCropResize(data.load_tfds_split("celeb_a", "train",
+                                                     num_workers=1),
+                                140, (64, 64), num_workers=1)
+    indices = np.array([19, 3, 11, 0, 5])
+    np.testing.assert_array_equal(source.take(indices)["image"],
+                                  one.take(indices)["image"])
