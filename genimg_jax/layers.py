@@ -209,17 +209,15 @@ class _ConvTransposeSame(nn.Module):
 class ConvTranspose1x(_ConvTransposeSame):
   """`nn.ConvTranspose(features, (k, k), padding="SAME")` (stride 1).
 
-  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs. On
-  CPU the forward pass is `conv_transpose_taps` (1.3x faster for the DCGAN
-  generator's 256 -> 128 on 7x7) and the gradient that of
-  `conv_transpose_stride1`, which skips the zero-padded rows.
+  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
+  computed on CPU by `conv_transpose_stride1`, which skips the zero-padded
+  rows.
   """
 
   def transpose_conv(self, x_BHWC, kernel_KKIO):
     if not cpu_rewrites():
       return _lax_conv_transpose(1)(x_BHWC, kernel_KKIO)
-    taps = lambda x, k: conv_transpose_taps(x, k, 1)
-    return forward_by(taps, conv_transpose_stride1)(x_BHWC, kernel_KKIO)
+    return conv_transpose_stride1(x_BHWC, kernel_KKIO)
 
 
 class ConvTransposeTaps(_ConvTransposeSame):
@@ -239,19 +237,16 @@ class ConvTransposeTaps(_ConvTransposeSame):
 class ConvTranspose2x(_ConvTransposeSame):
   """`nn.ConvTranspose(features, (k, k), strides=(2, 2), padding="SAME")`.
 
-  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs. On
-  CPU the forward pass is `conv_transpose_taps` and the gradient that of
-  `conv_transpose_stride2` (7x faster than lax's for 128 -> 64 channels at
-  batch 128), or, with fewer than `min_phase_features` output channels, of
-  lax's own dilated form, which is faster there.
+  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
+  computed on CPU by `conv_transpose_stride2` (7x faster gradient than lax's
+  for 128 -> 64 channels at batch 128). With fewer than `min_phase_features`
+  output channels, and on other backends, lax's own dilated form is used.
+  (Its forward pass by `conv_transpose_taps` was 1.3-1.6x faster alone, but
+  made the conv VAE's train step 2.2x slower: not used.)
   """
   min_phase_features: int = 8
 
   def transpose_conv(self, x_BHWC, kernel_KKIO):
-    reference = _lax_conv_transpose(2)
-    if not cpu_rewrites():
-      return reference(x_BHWC, kernel_KKIO)
-    if self.features >= self.min_phase_features:
-      reference = conv_transpose_stride2
-    taps = lambda x, k: conv_transpose_taps(x, k, 2)
-    return forward_by(taps, reference)(x_BHWC, kernel_KKIO)
+    if cpu_rewrites() and self.features >= self.min_phase_features:
+      return conv_transpose_stride2(x_BHWC, kernel_KKIO)
+    return _lax_conv_transpose(2)(x_BHWC, kernel_KKIO)
