@@ -128,9 +128,10 @@ def conv_transpose_taps(x_BHWC: jax.Array, kernel_KKIO: jax.Array,
   One matmul gives every input pixel's contribution to each kernel tap and
   output channel ([B, H, W, K*K*O]); each tap's plane is then placed on the
   output grid with `lax.pad` (interior padding s - 1 spreads it by the stride,
-  negative edge padding crops) and the K*K planes are summed. Same FLOPs and
-  result up to summation order; on CPU the forward pass runs at matmul speed
-  (several times faster than XLA's convolution for few output channels).
+  negative edge padding crops) and the K*K planes are summed. The same result
+  up to summation order, and the FLOPs of the convolution plus the taps that
+  land outside the output; on CPU it runs at matmul speed (several times
+  faster than XLA's convolution for few output channels).
 
   x: [B, H, W, I]; kernel: [K, K, I, O] (Flax layout). Returns [B, sH, sW, O].
   """
