@@ -340,6 +340,12 @@ def check_examples(batch: dict[str, np.ndarray], image_shape: tuple[int, ...],
 # Batches.
 
 
+def cycling_labels(n: int, num_classes: int) -> np.ndarray:
+  """int32 labels [n] cycling 0, 1, ..., num_classes - 1, 0, ...: the class
+  of each generated sample; all 0 for unlabelled data (num_classes 0)."""
+  return np.arange(n, dtype=np.int32) % max(num_classes, 1)
+
+
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
   """Whole global batches in one pass over the data (the remainder dropped)."""
   if num_examples < global_batch:

@@ -418,7 +418,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   num_classes = max(config.data.num_classes, 1)
   fixed_noise = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                              (64, *shape)))
-  fixed_labels = np.arange(64, dtype=np.int32) % num_classes
+  fixed_labels = data.cycling_labels(64, num_classes)
   class_noise = np.repeat(fixed_noise[None, :10], num_classes, 0).reshape(
       -1, *shape)
   class_labels = np.repeat(np.arange(num_classes, dtype=np.int32), 10)
@@ -447,7 +447,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
           jax.random.fold_in(sample_key, step))
       noise = np.asarray(jax.random.normal(
           noise_rng, (config.eval_samples, *shape)))
-      labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
+      labels = data.cycling_labels(config.eval_samples,
+                                     config.data.num_classes)
       metrics.update(metric.of_generator(
           batch_sampler(sampler, state.ema_params, sampler_rng, mesh),
           (noise, labels), config.eval_batch_size))

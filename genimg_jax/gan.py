@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from genimg_jax import classifier, images as images_lib, layers, optim
+from genimg_jax import classifier, data, images as images_lib, layers, optim
 from genimg_jax import parallel, quality
 
 LOSSES = ("non_saturating", "hinge", "least_squares", "wgan_gp")
@@ -411,7 +411,7 @@ def make_ema_batch_stats(config, mesh, num_batches: int = 8,
   rng: draws the noise and labels."""
   generator, _ = make_models(config)
   settings = settings_from_config(config)
-  num_classes = max(config.data.num_classes, 1)
+  num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
   spread = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
   batch_size = max(batch_size - batch_size % mesh.devices.size,
@@ -465,10 +465,10 @@ def make_evaluator(config, mesh, eval_source, workdir):
   settings = settings_from_config(config)
   sampler = make_sampler(mesh)
   ema_batch_stats = make_ema_batch_stats(config, mesh)
-  num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
   fixed_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                          (64, settings.z_dim)))
-  fixed_labels = np.arange(64, dtype=np.int32) % num_classes
+  num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
+  fixed_labels = data.cycling_labels(64, num_classes)
   interp_z = np.asarray(images_lib.interpolation_latents(
       jax.random.key(config.seed + 2), 8, 10, settings.z_dim))
   class_z = np.repeat(fixed_z[:10][None], num_classes, 0).reshape(
@@ -494,7 +494,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
     rng = jax.random.fold_in(jax.random.key(config.seed + 3), step)
     z = np.asarray(jax.random.normal(rng, (config.eval_samples,
                                            settings.z_dim)))
-    labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
+    labels = data.cycling_labels(config.eval_samples,
+                                     config.data.num_classes)
     return metric.of_generator(
         lambda z, labels: sampler(state.g, state.ema_params, z, labels, stats),
         (z, labels))

@@ -348,7 +348,7 @@ def sample_workdir(workdir: str, num: int, output: str, seed: int = 0,
         f"{workdir!r} trained a {config.family}.")
   # The labels sampled (cycling through the classes), and written with the
   # images for conditional runs.
-  labels = np.arange(num, dtype=np.int32) % max(config.data.num_classes, 1)
+  labels = data.cycling_labels(num, config.data.num_classes)
   start = time.perf_counter()
   images = family.sample_images(config, mesh, state, labels, seed,
                                 **sampler_options)

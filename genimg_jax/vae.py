@@ -461,8 +461,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   z_dim = config.vae.latent_dim
   prior_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                          (64, z_dim)))
-  num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
-  prior_labels = np.arange(64, dtype=np.int32) % num_classes
+  prior_labels = data.cycling_labels(64, config.data.num_classes)
   interp_z = np.asarray(images_lib.interpolation_latents(
       jax.random.key(config.seed + 2), 8, 10, z_dim))
   sample_dir = os.path.join(workdir, "samples")
@@ -500,7 +499,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
       z = np.asarray(jax.random.normal(
           jax.random.fold_in(jax.random.key(config.seed + 3), step),
           (config.eval_samples, z_dim)))
-      labels = np.arange(config.eval_samples, dtype=np.int32) % num_classes
+      labels = data.cycling_labels(config.eval_samples,
+                                     config.data.num_classes)
       metrics.update(metric.of_generator(
           functools.partial(decode, state.params), (z, labels),
           value_range=(0.0, 1.0)))

@@ -252,3 +252,11 @@ def test_celeba_shaped_mock_data_through_load_split():
     indices = np.array([19, 3, 11, 0, 5])
     np.testing.assert_array_equal(source.take(indices)["image"],
                                   one.take(indices)["image"])
+
+
+def test_cycling_labels():
+  """Generated samples' classes: 0..C-1 in turn; all 0 when unlabelled."""
+  labels = data.cycling_labels(7, 3)
+  assert labels.dtype == np.int32
+  np.testing.assert_array_equal(labels, [0, 1, 2, 0, 1, 2, 0])
+  np.testing.assert_array_equal(data.cycling_labels(4, 0), [0, 0, 0, 0])
