@@ -269,6 +269,26 @@ def test_kid_and_precision_recall_through_the_whole_metric_path():
   assert one_mode["precision"] == 1 and one_mode["recall"] == 0.6
 
 
+def test_quality_metrics_keep_the_real_radii_across_evaluations():
+  """The real set's k-NN radii are computed once; every evaluation's
+  precision/recall equals the function on that evaluation's features."""
+  network = _pixel_network(4, batch_size=40)
+  rng = np.random.default_rng(0)
+  real = rng.integers(0, 200, (60, 1, 1, 4), dtype=np.uint8)
+  fakes = [rng.integers(90, 256, (n, 1, 1, 4), dtype=np.uint8)
+           for n in (50, 30)]
+  metrics = quality.QualityMetrics(network, real)
+  for fake in fakes:
+    got = metrics(fake)
+    want = quality.precision_recall(network(real)[0], network(fake)[0])
+    assert 0 < want["precision"] < 1 and 0 < want["recall"] < 1
+    assert (got["precision"], got["recall"]) == (want["precision"],
+                                                 want["recall"])
+  with pytest.raises(ValueError, match="real_radii_sq_N must have shape"):
+    quality.precision_recall(network(real)[0], network(fakes[0])[0],
+                             real_radii_sq_N=np.ones(59))
+
+
 def test_fid_stats_file_checks(tmp_path):
   path = str(tmp_path / "s.npz")
   quality.save_fid_stats(path, np.zeros(3), np.eye(3), "inception")
