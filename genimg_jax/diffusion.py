@@ -448,7 +448,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
       noise = np.asarray(jax.random.normal(
           noise_rng, (config.eval_samples, *shape)))
       labels = data.cycling_labels(config.eval_samples,
-                                     config.data.num_classes)
+                                   config.data.num_classes)
       metrics.update(metric.of_generator(
           batch_sampler(sampler, state.ema_params, sampler_rng, mesh),
           (noise, labels), config.eval_batch_size))

@@ -495,7 +495,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
     z = np.asarray(jax.random.normal(rng, (config.eval_samples,
                                            settings.z_dim)))
     labels = data.cycling_labels(config.eval_samples,
-                                     config.data.num_classes)
+                                 config.data.num_classes)
     return metric.of_generator(
         lambda z, labels: sampler(state.g, state.ema_params, z, labels, stats),
         (z, labels))

@@ -500,7 +500,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
           jax.random.fold_in(jax.random.key(config.seed + 3), step),
           (config.eval_samples, z_dim)))
       labels = data.cycling_labels(config.eval_samples,
-                                     config.data.num_classes)
+                                   config.data.num_classes)
       metrics.update(metric.of_generator(
           functools.partial(decode, state.params), (z, labels),
           value_range=(0.0, 1.0)))

@@ -205,8 +205,8 @@ def test_importance_weighted_bound_rises_to_log_px_with_a_worse_q():
 
 
 def test_vae_importance_weighted_bound_by_hand():
-  """K = 1: log p(x|z) + log p(z) - log q(z|x) of the same z; K = 6 drawn 2 or
-  3 at a time (the latter decoded 4 samples at a time: a batch of 4 and a
+  """K = 1: log p(x|z) + log p(z) - log q(z|x) of the same z; K = 6 drawn 2,
+  3 or 6 at a time (the last decoded 4 samples at a time: a batch of 4 and a
   remainder of 2): the log-mean-exp of the six weights, all in numpy."""
   state = _tiny_vae_state()
   params = jax.device_get(state.params)
@@ -214,7 +214,8 @@ def test_vae_importance_weighted_bound_by_hand():
   settings = vae.Settings()
   rng = jax.random.key(3)
   z_rng = jax.random.split(rng)[1]
-  for k, chunk, decode_samples in ((1, 1, 1), (6, 2, 1), (6, 3, 4)):
+  for k, chunk, decode_samples in ((1, 1, 1), (6, 2, 1), (6, 3, 1),
+                                    (6, 6, 4)):
     bound = vae.importance_weighted_bound(state.apply_fn, state.params, images,
                                           None, rng, settings, k, chunk,
                                           decode_samples)
