@@ -104,9 +104,12 @@ def peak_flops(device, dtype: str,
   return measured_cpu_peak(jnp.dtype(dtype)), "measured matmul", kind
 
 
-def load_model_config(model: str, batch: int, dtype: str, devices: int):
+def load_model_config(model: str, batch: int, dtype: str, devices: int,
+                      overrides=()):
   """The experiment config of `model`, which may end in :ARG, the config's
-  argument (e.g. dcgan:celeb_a64, to time the CelebA input pipeline)."""
+  argument (e.g. dcgan:celeb_a64, to time the CelebA input pipeline), with
+  the bench's batch, dtype and devices, then `overrides` ("KEY=VALUE", e.g.
+  "xla_cpu_ynn_fusions=false") applied."""
   name, arg = config_lib.split_config_arg(model)
   if name not in MODELS:
     raise config_lib.ConfigError(
@@ -116,7 +119,7 @@ def load_model_config(model: str, batch: int, dtype: str, devices: int):
   config = config_lib.load_config_file(path)  # The installed one.
   return config_lib.apply_overrides(config, [
       f"batch_size={batch}", f"model.dtype={dtype}",
-      f"mesh.num_devices={devices}", "num_steps=1000"])
+      f"mesh.num_devices={devices}", "num_steps=1000", *overrides])
 
 
 def synthetic_batch(config, mesh) -> dict:
@@ -195,13 +198,15 @@ def _op_sources(hlo_text: str) -> dict[str, str]:
 def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
               dtype: str = "float32", devices: int = 0,
               input_pipeline: str = "synthetic",
-              profile_dir: str | None = None) -> dict:
+              profile_dir: str | None = None, overrides=()) -> dict:
   """Compiles and times `steps` train steps of `model`; returns one record.
+
+  overrides: config "KEY=VALUE" strings (`load_model_config`).
 
   profile_dir: also trace the timed steps with `jax.profiler` into
   profile_dir/MODEL_bBATCH_dDEVICES_DTYPE and add the record's "top_ops".
   """
-  config = load_model_config(model, batch, dtype, devices)
+  config = load_model_config(model, batch, dtype, devices, overrides)
   mesh = parallel.make_mesh(devices)
   parallel.check_global_batch(batch, mesh)
   state = train.init_state(config, mesh, jax.random.key(0), config.num_steps)
@@ -247,7 +252,7 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   median = statistics.median(times)
   record = {
       "model": model, "batch": batch, "devices": int(mesh.devices.size),
-      "device_kind": device.device_kind, "platform": device.platform,
+      "overrides": list(overrides), "device_kind": device.device_kind, "platform": device.platform,
       "dtype": dtype, "float32_matmul": matmul, "input": input_pipeline,
       "compile_s": compile_s, "step_ms_median": 1e3 * median,
       "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
@@ -301,14 +306,19 @@ def format_top_ops(record: dict) -> str:
 
 def run(models: list[str], batches: list[int], devices: list[int],
         steps: int, dtype: str, input_pipeline: str,
-        output: str | None, profile_dir: str | None = None) -> list[dict]:
-  """Benchmarks every combination, prints the table, appends JSON lines."""
+        output: str | None, profile_dir: str | None = None,
+        overrides=()) -> list[dict]:
+  """Benchmarks every combination, prints the table, appends JSON lines.
+  overrides: config "KEY=VALUE" strings for every model."""
   if models == ["all"]:
     models = sorted(MODELS)
   records = [bench_one(m, b, steps, dtype=dtype, devices=d,
-                       input_pipeline=input_pipeline, profile_dir=profile_dir)
+                       input_pipeline=input_pipeline, profile_dir=profile_dir,
+                       overrides=overrides)
              for m in models for b in batches for d in devices]
   add_scaling(records)
+  if overrides:
+    print("config overrides:", " ".join(overrides))
   print(format_table(records))
   for r in records:
     if "top_ops" in r:

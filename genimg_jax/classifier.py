@@ -203,7 +203,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
   del workdir  # Classifiers write no images.
   step_fn = jax.jit(eval_step, in_shardings=(parallel.replicated(mesh),
                                              parallel.data_sharding(mesh)),
-                    out_shardings=parallel.replicated(mesh))
+                    out_shardings=parallel.replicated(mesh),
+                    compiler_options=parallel.compiler_options(config, mesh))
 
   def evaluator(state, step):
     del step

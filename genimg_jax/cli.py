@@ -11,7 +11,8 @@
   genimg fid-stats --config experiments/dcgan.py:cifar10 --output s.npz \
       [--config.feature_network=inception:inception.msgpack]
   genimg compile --config experiments/ddpm.py [--topology v5e:4x4]
-  genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8]
+  genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8] \
+      [--config.xla_cpu_ynn_fusions=false]
   genimg bench --sweep --model all [--dtypes float32,bfloat16 --batch 128 \
       --max-batch 8192 --time-budget 420 --matmul-precision highest]
 """
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
       else:
         bench.run(args.model.split(","), ints(args.batch), ints(args.devices),
                   args.steps or 20, args.dtype, args.input,
-                  args.output or None, args.profile or None)
+                  args.output or None, args.profile or None, overrides)
       metrics = None
   except known_errors as e:
     print(f"genimg {args.command}: error: {e}", file=sys.stderr)

@@ -354,7 +354,8 @@ def make_sampler(config, mesh, options: SamplerOptions):
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
   return jax.jit(functools.partial(generate, apply_fn=model.apply,
                                    settings=settings, options=options),
-                 in_shardings=(repl, batch, batch, repl), out_shardings=batch)
+                 in_shardings=(repl, batch, batch, repl), out_shardings=batch,
+                 compiler_options=parallel.compiler_options(config, mesh))
 
 
 def batch_sampler(sampler, params, rng, mesh):
@@ -412,7 +413,8 @@ def make_evaluator(config, mesh, eval_source, workdir):
                           parallel.data_sharding(mesh))
   loss_fn = jax.jit(functools.partial(eval_step, settings=settings),
                     in_shardings=(repl, batch_sharding, repl),
-                    out_shardings=repl)
+                    out_shardings=repl,
+                    compiler_options=parallel.compiler_options(config, mesh))
   metric = quality.metrics_for_config(config, mesh, eval_source)
   shape = tuple(config.data.image_shape)
   num_classes = max(config.data.num_classes, 1)

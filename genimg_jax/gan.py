@@ -396,11 +396,12 @@ def bind_train_step(config, mesh=None):
   return functools.partial(train_step, settings=settings)
 
 
-def make_sampler(mesh):
-  """jit of generate(): z [N, Z] and labels [N] sharded on "data"."""
+def make_sampler(mesh, compiler_options=None):
+  """jit of generate(): z [N, Z] and labels [N] sharded on "data";
+  compiler_options: `parallel.compiler_options` of the run's config."""
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
   return jax.jit(generate, in_shardings=(repl, repl, batch, batch, repl),
-                 out_shardings=batch)
+                 out_shardings=batch, compiler_options=compiler_options)
 
 
 def make_ema_batch_stats(config, mesh, num_batches: int = 8,
@@ -425,7 +426,8 @@ def make_ema_batch_stats(config, mesh, num_batches: int = 8,
         label_rng, (num_batches, batch_size), 0, num_classes), spread)
     return standing_batch_stats(generator, state.ema_params,
                                 state.g.batch_stats, z, labels)
-  return jax.jit(ema_batch_stats, out_shardings=parallel.replicated(mesh))
+  return jax.jit(ema_batch_stats, out_shardings=parallel.replicated(mesh),
+                 compiler_options=parallel.compiler_options(config, mesh))
 
 
 def sample_uint8(sampler, state: GANState, z_NZ, labels_N, mesh,
@@ -448,7 +450,8 @@ def sample_images(config, mesh, state: GANState, labels_N: np.ndarray,
   stats = make_ema_batch_stats(config, mesh)(
       state, parallel.replicate(stats_rng, mesh))
   z = np.asarray(jax.random.normal(z_rng, (len(labels_N), config.gan.z_dim)))
-  return sample_uint8(make_sampler(mesh), state, z, labels_N, mesh, stats)
+  sampler = make_sampler(mesh, parallel.compiler_options(config, mesh))
+  return sample_uint8(sampler, state, z, labels_N, mesh, stats)
 
 
 def make_evaluator(config, mesh, eval_source, workdir):
@@ -463,7 +466,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   Every process runs every sampling call; only process 0 writes files.
   """
   settings = settings_from_config(config)
-  sampler = make_sampler(mesh)
+  sampler = make_sampler(mesh, parallel.compiler_options(config, mesh))
   ema_batch_stats = make_ema_batch_stats(config, mesh)
   fixed_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                          (64, settings.z_dim)))

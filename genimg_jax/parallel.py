@@ -11,6 +11,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+# XLA:CPU's list of YNNPACK fusion types; empty sends convolutions and dots
+# to XLA's own CPU emitters (see `compiler_options`).
+YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -27,6 +30,19 @@ def make_mesh(num_devices: int = 0) -> Mesh:
                        "devices: set mesh.num_devices=0.")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def compiler_options(config, mesh: Mesh) -> dict[str, str]:
+  """XLA options for the programs a run compiles for `mesh` (the train step
+  and the evaluation programs): `{YNN_FUSION_OPTION: ""}` when the mesh's
+  devices are CPUs and `config.xla_cpu_ynn_fusions` is False (XLA's own
+  convolution and dot emitters instead of YNNPACK fusions, per program: no
+  process-wide XLA_FLAGS), else {} (other backends, or a config without the
+  field: XLA's defaults)."""
+  if (mesh.devices.flat[0].platform != "cpu" or
+      config.get("xla_cpu_ynn_fusions", True)):
+    return {}
+  return {YNN_FUSION_OPTION: ""}
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -57,11 +57,12 @@ def init_state(config, mesh, rng, num_steps):
 
 def compile_train_step(config, mesh):
   """The family's train step, jitted: state replicated and donated, batch
-  sharded on "data", metrics replicated."""
+  sharded on "data", metrics replicated; `parallel.compiler_options`."""
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
   return jax.jit(family_module(config).bind_train_step(config, mesh),
                  in_shardings=(repl, batch, repl), out_shardings=(repl, repl),
-                 donate_argnums=0)
+                 donate_argnums=0,
+                 compiler_options=parallel.compiler_options(config, mesh))
 
 
 def parameter_counts(state) -> dict[str, int]:

@@ -403,7 +403,8 @@ def make_decoder(config, mesh):
 
   @functools.partial(jax.jit, in_shardings=(repl, batch_sharding,
                                             batch_sharding),
-                     out_shardings=batch_sharding)
+                     out_shardings=batch_sharding,
+                     compiler_options=parallel.compiler_options(config, mesh))
   def decode(params, z, labels):
     return mean_image(model.apply({"params": params}, z,
                                   labels if settings.conditional else None,
@@ -429,6 +430,18 @@ def sample_images(config, mesh, state, labels_N: np.ndarray,
                       mesh)
 
 
+def make_eval_step(config, mesh):
+  """`eval_step` with config.vae.iw_samples, jitted: state and rng
+  replicated, batch sharded on "data", sums replicated."""
+  repl, batch_sharding = (parallel.replicated(mesh),
+                          parallel.data_sharding(mesh))
+  return jax.jit(
+      functools.partial(eval_step, settings=settings_from_config(config),
+                        iw_samples=config.vae.iw_samples),
+      in_shardings=(repl, batch_sharding, repl), out_shardings=repl,
+      compiler_options=parallel.compiler_options(config, mesh))
+
+
 def make_evaluator(config, mesh, eval_source, workdir):
   """evaluator(state, step) -> test nelbo, recon, kl, bits/dim, IWAE NLL
   (config.vae.iw_samples > 0), FID/score of prior samples
@@ -441,12 +454,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   if settings.likelihood == "bernoulli":  # Scored on one fixed binarization.
     images = binarize_once(images, config.seed)
   source = data.ArraySource(images, all_examples["label"])
-  repl, batch_sharding = (parallel.replicated(mesh),
-                          parallel.data_sharding(mesh))
-  step_fn = jax.jit(
-      functools.partial(eval_step, settings=settings,
-                        iw_samples=config.vae.iw_samples),
-      in_shardings=(repl, batch_sharding, repl), out_shardings=repl)
+  step_fn = make_eval_step(config, mesh)
   eval_key = jax.random.key(config.seed + 7)
   model = make_model(config)
   dims = math.prod(config.data.image_shape)

@@ -116,10 +116,11 @@ def test_train_step_compiles_once_and_keeps_the_host_out():
 def test_bench_cli_with_the_real_input_pipeline(tmp_path, idx_dir, monkeypatch,
                                                 capsys):
   from genimg_jax import cli  # pylint: disable=g-import-not-at-top
-  real_load = bench.load_model_config
+  real_load, fusions = bench.load_model_config, []
 
   def tiny_data(*args):
     config = real_load(*args)
+    fusions.append(config.xla_cpu_ynn_fusions)
     config.unlock()
     config.data.idx_dir = idx_dir
     return config
@@ -127,8 +128,12 @@ def test_bench_cli_with_the_real_input_pipeline(tmp_path, idx_dir, monkeypatch,
   out = tmp_path / "b.jsonl"
   assert cli.main(["bench", "--model", "vae", "--batch", "16", "--steps", "2",
                    "--input", "real", "--devices", "2", "--output",
-                   str(out), "--profile", str(tmp_path / "trace")]) == 0
+                   str(out), "--profile", str(tmp_path / "trace"),
+                   "--config.xla_cpu_ynn_fusions=false"]) == 0
   record = json.loads(out.read_text())
+  # --config.KEY=VALUE overrides reach the model's config and the record.
+  assert fusions == [False]
+  assert record["overrides"] == ["xla_cpu_ynn_fusions=false"]
   assert record["top_ops"] and record["profile_dir"].startswith(
       str(tmp_path / "trace"))
   assert record["input"] == "real" and record["devices"] == 2

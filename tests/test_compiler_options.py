@@ -1,0 +1,107 @@
+"""config.xla_cpu_ynn_fusions: XLA:CPU's YNNPACK fusions on or off, per
+compiled program, for the train step and every evaluation program."""
+
+import re
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from genimg_jax import (bench, classifier, diffusion, gan, parallel, quality,
+                        train, vae)
+from genimg_jax import data as data_lib
+
+MINI_UNET = {"model.channels": 8, "model.multipliers": "(1,)",
+             "model.num_res_blocks": 1, "model.attention_resolutions": "()",
+             "diffusion.sample_steps": 2}
+OFF = {"xla_cpu_ynn_fusions": False}
+# An instruction of a compiled program that calls a YNNPACK fusion.
+YNN_FUSION = re.compile(r"%ynn_fusion[.\w]* = ")
+
+
+def test_options_follow_the_config_and_the_platform(idx_dir):
+  mesh = parallel.make_mesh()
+  assert parallel.compiler_options(tiny_config(idx_dir), mesh) == {}
+  off = tiny_config(idx_dir, **OFF)
+  assert parallel.compiler_options(off, mesh) == {
+      parallel.YNN_FUSION_OPTION: ""}
+  # A config saved before the field existed: XLA's defaults.
+  assert parallel.compiler_options(types.SimpleNamespace(
+      get=lambda key, default: default), mesh) == {}
+  # Another backend's devices (e.g. an AOT compile for a TPU topology).
+  tpu_mesh = types.SimpleNamespace(devices=np.array(
+      [types.SimpleNamespace(platform="tpu")]))
+  assert parallel.compiler_options(off, tpu_mesh) == {}
+
+
+@pytest.mark.parametrize("experiment", ["cnn.py", "vae_conv.py"])
+def test_train_step_compiles_without_ynn_fusions_and_computes_the_same(
+    idx_dir, experiment):
+  """The compiled step has YNNPACK fusions by default and none with the
+  field False; one step's loss and parameters agree to float precision."""
+  results = []
+  for overrides in ({}, OFF):
+    config = tiny_config(idx_dir, experiment, **overrides)
+    mesh = parallel.make_mesh(2)
+    state = train.init_state(config, mesh, jax.random.key(0), 10)
+    batch = bench.synthetic_batch(config, mesh)
+    rng = parallel.replicate(jax.random.key(1), mesh)
+    compiled = train.compile_train_step(config, mesh).lower(
+        state, batch, rng).compile()
+    results.append((len(YNN_FUSION.findall(compiled.as_text())),
+                    *jax.device_get(compiled(state, batch, rng))))
+  (fused, state_on, metrics_on), (unfused, state_off, metrics_off) = results
+  assert fused > 0 and unfused == 0
+  np.testing.assert_allclose(metrics_off["loss"], metrics_on["loss"],
+                             rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               state_off.params, state_on.params)
+
+
+def _tiny_feature_network(path, idx_dir):
+  config = tiny_config(idx_dir, "resnet.py", **{
+      "model.width": 4, "model.blocks_per_stage": "(1,)"})
+  state = classifier.create_train_state(config, jax.random.key(0), 1)
+  return quality.save_feature_network(state, config.model, path)
+
+
+# Programs each evaluator compiles: its own, plus the feature network's
+# where it computes FID.
+EVALUATORS = [
+    ("cnn.py", classifier, {}, 1),
+    ("dcgan.py", gan, {}, 3),  # Sampler, standing statistics, features.
+    ("vae_conv.py", vae, {"vae.iw_samples": 2}, 3),  # Bounds, decoder.
+    ("ddpm.py", diffusion, MINI_UNET, 3),  # Sampler, test loss.
+]
+
+
+@pytest.mark.parametrize("experiment,family,overrides,programs", EVALUATORS)
+def test_every_evaluation_program_gets_the_options(
+    idx_dir, tmp_path, monkeypatch, experiment, family, overrides, programs):
+  """Each jax.jit an evaluator makes (those of `parallel.replicate` and
+  on-device uint8 conversion aside) carries the run's compiler options."""
+  path = str(tmp_path / "net.msgpack")
+  _tiny_feature_network(path, idx_dir)
+  real_jit, seen = jax.jit, []
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("compiler_options"))
+    return real_jit(*args, **kwargs)
+
+  for fusions, want in ((True, None), (False, {parallel.YNN_FUSION_OPTION: ""})):
+    quality_overrides = ({} if family is classifier else
+                         {"feature_network": path, "eval_samples": 16})
+    config = tiny_config(idx_dir, experiment, xla_cpu_ynn_fusions=fusions,
+                         **quality_overrides, **overrides)
+    mesh = parallel.make_mesh()
+    source = data_lib.load_split(config.data, "test")
+    seen.clear()
+    monkeypatch.setattr(jax, "jit", spy)
+    family.make_evaluator(config, mesh, source, str(tmp_path / "run"))
+    monkeypatch.setattr(jax, "jit", real_jit)
+    with_options = [o for o in seen if o]
+    assert len(with_options) == (programs if want else 0), seen
+    assert all(o == want for o in with_options)
