@@ -252,7 +252,8 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   median = statistics.median(times)
   record = {
       "model": model, "batch": batch, "devices": int(mesh.devices.size),
-      "overrides": list(overrides), "device_kind": device.device_kind, "platform": device.platform,
+      "overrides": list(overrides),
+      "device_kind": device.device_kind, "platform": device.platform,
       "dtype": dtype, "float32_matmul": matmul, "input": input_pipeline,
       "compile_s": compile_s, "step_ms_median": 1e3 * median,
       "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),

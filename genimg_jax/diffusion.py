@@ -420,7 +420,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   num_classes = max(config.data.num_classes, 1)
   fixed_noise = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                              (64, *shape)))
-  fixed_labels = data.cycling_labels(64, num_classes)
+  fixed_labels = data.cycling_labels(64, config.data.num_classes)
   class_noise = np.repeat(fixed_noise[None, :10], num_classes, 0).reshape(
       -1, *shape)
   class_labels = np.repeat(np.arange(num_classes, dtype=np.int32), 10)

@@ -471,7 +471,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   fixed_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                          (64, settings.z_dim)))
   num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
-  fixed_labels = data.cycling_labels(64, num_classes)
+  fixed_labels = data.cycling_labels(64, config.data.num_classes)
   interp_z = np.asarray(images_lib.interpolation_latents(
       jax.random.key(config.seed + 2), 8, 10, settings.z_dim))
   class_z = np.repeat(fixed_z[:10][None], num_classes, 0).reshape(

@@ -396,6 +396,7 @@ _to_uint8_on_device = jax.jit(images_lib.to_uint8,
 class QualityMetrics:
   """FID, score, KID and precision/recall of generated images against one
   real split (FID against `reference` = (mu, sigma) instead, if given)."""
+  PRECISION_RECALL_K = 3  # k-NN radius of Kynkaanniemi et al. (2019).
 
   def __init__(self, network: FeatureNetwork, real_images_uint8: np.ndarray,
                reference: tuple[np.ndarray, np.ndarray] | None = None):
@@ -410,7 +411,8 @@ class QualityMetrics:
 
   def __call__(self, fake_images_uint8: np.ndarray) -> dict[str, float]:
     """fid, score; kid (mean over subsets of 1,000), kid_std; precision and
-    recall (k = 3), the last three when both sets have over 3 samples."""
+    recall (k = PRECISION_RECALL_K = 3), the last four when both sets have
+    over 3 samples."""
     return self._metrics(*self.network(fake_images_uint8))
 
   def of_generator(self, generate_fn, inputs, batch_size: int = 512,
@@ -439,8 +441,10 @@ class QualityMetrics:
       metrics["kid"], metrics["kid_std"] = kernel_inception_distance(
           features, self.real_features)
       if self._real_radii_sq is None:
-        self._real_radii_sq = knn_radii_sq(self.real_features, 3)
-      metrics.update(precision_recall(self.real_features, features, k=3,
+        self._real_radii_sq = knn_radii_sq(self.real_features,
+                                           self.PRECISION_RECALL_K)
+      metrics.update(precision_recall(self.real_features, features,
+                                      k=self.PRECISION_RECALL_K,
                                       real_radii_sq_N=self._real_radii_sq))
     return metrics
 

@@ -338,8 +338,8 @@ def importance_weighted_bound(apply_fn, params, image_uint8, labels, rng,
   (one draw shared by all K samples) and the K latent draws. The decoder sees
   `decode_samples` x B latents at a time (`lax.map`'s batch_size); the draws
   are those of `chunk` either way. On CPU one sample at a time (B latents
-  per device) is fastest: the working set stays in cache (3.7x faster than
-  10 x B at B = 100, docs/performance.md); a GPU may want more.
+  per device) is fastest: the working set stays in cache (2.9-4.6x faster
+  than 10 x B at B = 100, docs/performance.md); a GPU may want more.
   """
   bin_rng, z_rng = jax.random.split(rng)
   x = model_input(image_uint8, settings.likelihood, bin_rng)

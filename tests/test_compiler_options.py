@@ -23,7 +23,8 @@ YNN_FUSION = re.compile(r"%ynn_fusion[.\w]* = ")
 
 def test_options_follow_the_config_and_the_platform(idx_dir):
   mesh = parallel.make_mesh()
-  assert parallel.compiler_options(tiny_config(idx_dir), mesh) == {}
+  assert parallel.compiler_options(
+      tiny_config(idx_dir, xla_cpu_ynn_fusions=True), mesh) == {}
   off = tiny_config(idx_dir, **OFF)
   assert parallel.compiler_options(off, mesh) == {
       parallel.YNN_FUSION_OPTION: ""}
@@ -42,7 +43,7 @@ def test_train_step_compiles_without_ynn_fusions_and_computes_the_same(
   """The compiled step has YNNPACK fusions by default and none with the
   field False; one step's loss and parameters agree to float precision."""
   results = []
-  for overrides in ({}, OFF):
+  for overrides in ({"xla_cpu_ynn_fusions": True}, OFF):
     config = tiny_config(idx_dir, experiment, **overrides)
     mesh = parallel.make_mesh(2)
     state = train.init_state(config, mesh, jax.random.key(0), 10)
@@ -91,7 +92,8 @@ def test_every_evaluation_program_gets_the_options(
     seen.append(kwargs.get("compiler_options"))
     return real_jit(*args, **kwargs)
 
-  for fusions, want in ((True, None), (False, {parallel.YNN_FUSION_OPTION: ""})):
+  off = {parallel.YNN_FUSION_OPTION: ""}
+  for fusions, want in ((True, None), (False, off)):
     quality_overrides = ({} if family is classifier else
                          {"feature_network": path, "eval_samples": 16})
     config = tiny_config(idx_dir, experiment, xla_cpu_ynn_fusions=fusions,
