@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from genimg_jax import (bench, classifier, diffusion, gan, parallel, quality,
-                        train, vae)
+from test_diffusion import MINI_UNET
+from test_gan import _tiny_feature_network
+from genimg_jax import bench, classifier, diffusion, gan, parallel, train, vae
 from genimg_jax import data as data_lib
 
-MINI_UNET = {"model.channels": 8, "model.multipliers": "(1,)",
-             "model.num_res_blocks": 1, "model.attention_resolutions": "()",
-             "diffusion.sample_steps": 2}
 OFF = {"xla_cpu_ynn_fusions": False}
 # An instruction of a compiled program that calls a YNNPACK fusion.
 YNN_FUSION = re.compile(r"%ynn_fusion[.\w]* = ")
@@ -60,13 +58,6 @@ def test_train_step_compiles_without_ynn_fusions_and_computes_the_same(
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
                state_off.params, state_on.params)
-
-
-def _tiny_feature_network(path, idx_dir):
-  config = tiny_config(idx_dir, "resnet.py", **{
-      "model.width": 4, "model.blocks_per_stage": "(1,)"})
-  state = classifier.create_train_state(config, jax.random.key(0), 1)
-  return quality.save_feature_network(state, config.model, path)
 
 
 # Programs each evaluator compiles: its own, plus the feature network's
