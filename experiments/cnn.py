@@ -19,9 +19,11 @@ def get_config(arg=""):
   dataset, variant = common.parse_arg(arg, common.LABELLED)
   config = common.get_run_config(ml_collections.ConfigDict(), "classifier")
   # XLA's own CPU convolutions, not YNNPACK fusions: faster steps on
-  # CPU (seed CNN 1.3x, ResNet 1.1-1.3x; docs/performance.md).
+  # CPU (seed CNN 1.3x, ResNet 1.1-1.3x; docs/performance.md), with
+  # YNNPACK's reductions (the bias gradients; seed CNN another 1.2-1.4x).
   # No effect on GPU or TPU.
   config.xla_cpu_ynn_fusions = False
+  config.xla_cpu_ynn_fusions_kept = "reduce"
   config.data = common.get_data_config(dataset)
 
   config.model = ml_collections.ConfigDict()

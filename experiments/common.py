@@ -111,4 +111,7 @@ def get_run_config(config, family: str, seed: int = 0):
   # depends on the model and the processor: `genimg bench --model M
   # --config.xla_cpu_ynn_fusions=false` tells (README, docs/performance.md).
   config.xla_cpu_ynn_fusions = True
+  # With it False, the YNNPACK fusion types still made (comma-separated:
+  # reduce, eltwise, dot, individual_dot, individual_convolution; "": none).
+  config.xla_cpu_ynn_fusions_kept = ""
   return config

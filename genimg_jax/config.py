@@ -173,6 +173,7 @@ RESUMABLE_FIELDS = frozenset({
     "num_steps", "num_epochs", "eval_every", "eval_samples",
     "eval_batch_size", "feature_network", "fid_stats", "log_every", "checkpoint_every",
     "keep_checkpoints", "compilation_cache_dir", "xla_cpu_ynn_fusions",
+    "xla_cpu_ynn_fusions_kept",
     "mesh.num_devices", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory",
     "data.eval_split", "vae.iw_samples", "gan.skip_nonfinite",

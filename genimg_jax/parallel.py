@@ -11,9 +11,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
-# XLA:CPU's list of YNNPACK fusion types; empty sends convolutions and dots
-# to XLA's own CPU emitters (see `compiler_options`).
+# XLA:CPU's list of YNNPACK fusion types; empty sends convolutions, dots and
+# reductions to XLA's own CPU emitters (see `compiler_options`).
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# The types that list takes (jaxlib 0.10), by their config names.
+YNN_FUSION_TYPES = ("dot", "eltwise", "reduce", "individual_dot",
+                    "individual_convolution")
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -34,15 +37,28 @@ def make_mesh(num_devices: int = 0) -> Mesh:
 
 def compiler_options(config, mesh: Mesh) -> dict[str, str]:
   """XLA options for the programs a run compiles for `mesh` (the train step
-  and the evaluation programs): `{YNN_FUSION_OPTION: ""}` when the mesh's
-  devices are CPUs and `config.xla_cpu_ynn_fusions` is False (XLA's own
-  convolution and dot emitters instead of YNNPACK fusions, per program: no
-  process-wide XLA_FLAGS), else {} (other backends, or a config without the
-  field: XLA's defaults)."""
+  and the evaluation programs), per program (no process-wide XLA_FLAGS).
+
+  When the mesh's devices are CPUs and `config.xla_cpu_ynn_fusions` is
+  False: `{YNN_FUSION_OPTION: types}`, XLA's own convolution, dot and
+  reduction emitters instead of YNNPACK fusions, except the fusion types
+  named in `config.xla_cpu_ynn_fusions_kept` (comma-separated
+  `YNN_FUSION_TYPES`, e.g. "reduce": "" keeps none). Else {} (other
+  backends, or a config without the field: XLA's defaults).
+  """
   if (mesh.devices.flat[0].platform != "cpu" or
       config.get("xla_cpu_ynn_fusions", True)):
     return {}
-  return {YNN_FUSION_OPTION: ""}
+  kept = [t.strip().lower() for t in
+          config.get("xla_cpu_ynn_fusions_kept", "").split(",") if t.strip()]
+  unknown = sorted(set(kept) - set(YNN_FUSION_TYPES))
+  if unknown:
+    raise ValueError(
+        f"xla_cpu_ynn_fusions_kept names unknown YNNPACK fusion types "
+        f"{unknown}; use a comma-separated subset of {list(YNN_FUSION_TYPES)} "
+        "or '' for none.")
+  return {YNN_FUSION_OPTION: ",".join(
+      "LIBRARY_FUSION_TYPE_" + t.upper() for t in kept)}
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

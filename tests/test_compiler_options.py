@@ -14,7 +14,7 @@ from test_gan import _tiny_feature_network
 from genimg_jax import bench, classifier, diffusion, gan, parallel, train, vae
 from genimg_jax import data as data_lib
 
-OFF = {"xla_cpu_ynn_fusions": False}
+OFF = {"xla_cpu_ynn_fusions": False, "xla_cpu_ynn_fusions_kept": ""}
 # An instruction of a compiled program that calls a YNNPACK fusion.
 YNN_FUSION = re.compile(r"%ynn_fusion[.\w]* = ")
 
@@ -26,7 +26,20 @@ def test_options_follow_the_config_and_the_platform(idx_dir):
   off = tiny_config(idx_dir, **OFF)
   assert parallel.compiler_options(off, mesh) == {
       parallel.YNN_FUSION_OPTION: ""}
-  # A config saved before the field existed: XLA's defaults.
+  kept = tiny_config(idx_dir, xla_cpu_ynn_fusions=False,
+                     xla_cpu_ynn_fusions_kept="reduce, Individual_Dot")
+  assert parallel.compiler_options(kept, mesh) == {
+      parallel.YNN_FUSION_OPTION:
+          "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  with pytest.raises(ValueError, match=r"\['convolution'\].*individual_dot"):
+    parallel.compiler_options(tiny_config(
+        idx_dir, xla_cpu_ynn_fusions=False,
+        xla_cpu_ynn_fusions_kept="reduce,convolution"), mesh)
+  # With the fusions on, the kept types do not matter.
+  assert parallel.compiler_options(tiny_config(
+      idx_dir, xla_cpu_ynn_fusions=True, xla_cpu_ynn_fusions_kept="reduce"),
+      mesh) == {}
+  # A config saved before the fields existed: XLA's defaults.
   assert parallel.compiler_options(types.SimpleNamespace(
       get=lambda key, default: default), mesh) == {}
   # Another backend's devices (e.g. an AOT compile for a TPU topology).
@@ -83,13 +96,14 @@ def test_every_evaluation_program_gets_the_options(
     seen.append(kwargs.get("compiler_options"))
     return real_jit(*args, **kwargs)
 
-  off = {parallel.YNN_FUSION_OPTION: ""}
-  for fusions, want in ((True, None), (False, off)):
+  for fusions in (True, False):
     quality_overrides = ({} if family is classifier else
                          {"feature_network": path, "eval_samples": 16})
     config = tiny_config(idx_dir, experiment, xla_cpu_ynn_fusions=fusions,
                          **quality_overrides, **overrides)
     mesh = parallel.make_mesh()
+    want = parallel.compiler_options(config, mesh)
+    assert bool(want) == (not fusions)
     source = data_lib.load_split(config.data, "test")
     seen.clear()
     monkeypatch.setattr(jax, "jit", spy)
@@ -98,3 +112,41 @@ def test_every_evaluation_program_gets_the_options(
     with_options = [o for o in seen if o]
     assert len(with_options) == (programs if want else 0), seen
     assert all(o == want for o in with_options)
+
+
+def _ynn_fusion_opcodes(hlo_text: str) -> list[set[str]]:
+  """The opcodes in each YNNPACK fusion's fused computation."""
+  fusions = []
+  for called in re.findall(r"%ynn_fusion[.\w]* = .*?calls=%([\w.\-]+)",
+                           hlo_text):
+    block = re.search(r"%" + re.escape(called) + r" .*?\n}\n", hlo_text,
+                      re.S).group(0)
+    fusions.append(set(re.findall(r" = \S+ ([\w\-]+)\(", block)))
+  return fusions
+
+
+def test_kept_fusion_types_are_the_only_ynn_fusions(idx_dir):
+  """cnn.py keeps YNNPACK's reductions: its compiled step has YNNPACK
+  fusions, each a reduction (its convolutions and dots are XLA's), and one
+  step computes what the step without any YNNPACK fusion does."""
+  results = []
+  for kept in ("reduce", ""):
+    config = tiny_config(idx_dir, "cnn.py", xla_cpu_ynn_fusions=False,
+                         xla_cpu_ynn_fusions_kept=kept)
+    mesh = parallel.make_mesh(2)
+    state = train.init_state(config, mesh, jax.random.key(0), 10)
+    batch = bench.synthetic_batch(config, mesh)
+    rng = parallel.replicate(jax.random.key(1), mesh)
+    compiled = train.compile_train_step(config, mesh).lower(
+        state, batch, rng).compile()
+    results.append((_ynn_fusion_opcodes(compiled.as_text()),
+                    *jax.device_get(compiled(state, batch, rng))))
+  (kept, state_kept, metrics_kept), (none, state_none, metrics_none) = results
+  assert sum("reduce" in ops for ops in kept) >= 5, kept
+  assert not set().union(*kept) & {"convolution", "dot"}, kept
+  assert none == []
+  np.testing.assert_allclose(metrics_kept["loss"], metrics_none["loss"],
+                             rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               state_kept.params, state_none.params)
