@@ -129,11 +129,12 @@ def test_bench_cli_with_the_real_input_pipeline(tmp_path, idx_dir, monkeypatch,
   assert cli.main(["bench", "--model", "vae", "--batch", "16", "--steps", "2",
                    "--input", "real", "--devices", "2", "--output",
                    str(out), "--profile", str(tmp_path / "trace"),
-                   "--config.xla_cpu_ynn_fusions=false"]) == 0
+                   "--config.xla_cpu_ynn_fusions=true"]) == 0
   record = json.loads(out.read_text())
-  # --config.KEY=VALUE overrides reach the model's config and the record.
-  assert fusions == [False]
-  assert record["overrides"] == ["xla_cpu_ynn_fusions=false"]
+  # --config.KEY=VALUE overrides reach the model's config (vae_conv.py's
+  # own value is False) and the record.
+  assert fusions == [True]
+  assert record["overrides"] == ["xla_cpu_ynn_fusions=true"]
   assert record["top_ops"] and record["profile_dir"].startswith(
       str(tmp_path / "trace"))
   assert record["input"] == "real" and record["devices"] == 2
