@@ -52,25 +52,42 @@ def test_options_follow_the_config_and_the_platform(idx_dir):
 def test_train_step_compiles_without_ynn_fusions_and_computes_the_same(
     idx_dir, experiment):
   """The compiled step has YNNPACK fusions by default and none with the
-  field False; one step's loss and parameters agree to float precision."""
-  results = []
-  for overrides in ({"xla_cpu_ynn_fusions": True}, OFF):
-    config = tiny_config(idx_dir, experiment, **overrides)
-    mesh = parallel.make_mesh(2)
-    state = train.init_state(config, mesh, jax.random.key(0), 10)
-    batch = bench.synthetic_batch(config, mesh)
-    rng = parallel.replicate(jax.random.key(1), mesh)
-    compiled = train.compile_train_step(config, mesh).lower(
-        state, batch, rng).compile()
-    results.append((len(YNN_FUSION.findall(compiled.as_text())),
-                    *jax.device_get(compiled(state, batch, rng))))
-  (fused, state_on, metrics_on), (unfused, state_off, metrics_off) = results
-  assert fused > 0 and unfused == 0
-  np.testing.assert_allclose(metrics_off["loss"], metrics_on["loss"],
+  field False; two steps' loss and parameters agree to float precision."""
+  hlo_on, *step_on = _two_steps(tiny_config(idx_dir, experiment,
+                                            xla_cpu_ynn_fusions=True))
+  hlo_off, *step_off = _two_steps(tiny_config(idx_dir, experiment, **OFF))
+  assert YNN_FUSION.findall(hlo_on) and not YNN_FUSION.findall(hlo_off)
+  _assert_same_step(step_off, step_on)
+
+
+def _two_steps(config):
+  """(compiled HLO text, state, metrics) after two train steps on 2 devices
+  (the warmup's first step has learning rate 0: the second updates)."""
+  mesh = parallel.make_mesh(2)
+  state = train.init_state(config, mesh, jax.random.key(0), 10)
+  batch = bench.synthetic_batch(config, mesh)
+  rng = parallel.replicate(jax.random.key(1), mesh)
+  compiled = train.compile_train_step(config, mesh).lower(
+      state, batch, rng).compile()
+  state, _ = compiled(state, batch, rng)
+  return (compiled.as_text(), *jax.device_get(compiled(state, batch, rng)))
+
+
+def _assert_same_step(step, expected):
+  """The second step's loss agrees to float precision, and so do all but one
+  in 10,000 parameters of each array (or one): Adam divides each gradient by its
+  own magnitude, so a near-zero gradient's summation-order noise can move its
+  parameter by up to the step size (one of 589,824 moved 6e-6 here)."""
+  (state, metrics), (expected_state, expected_metrics) = step, expected
+  np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"],
                              rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6),
-               state_off.params, state_on.params)
+
+  def assert_close(path, a, b):
+    off = ~np.isclose(a, b, rtol=1e-4, atol=1e-6)
+    assert off.sum() <= max(1, a.size // 10_000), (
+        jax.tree_util.keystr(path), off.sum(), a.size)
+  jax.tree_util.tree_map_with_path(assert_close, state.params,
+                                   expected_state.params)
 
 
 # Programs each evaluator compiles: its own, plus the feature network's
@@ -127,26 +144,14 @@ def _ynn_fusion_opcodes(hlo_text: str) -> list[set[str]]:
 
 def test_kept_fusion_types_are_the_only_ynn_fusions(idx_dir):
   """cnn.py keeps YNNPACK's reductions: its compiled step has YNNPACK
-  fusions, each a reduction (its convolutions and dots are XLA's), and one
-  step computes what the step without any YNNPACK fusion does."""
-  results = []
-  for kept in ("reduce", ""):
-    config = tiny_config(idx_dir, "cnn.py", xla_cpu_ynn_fusions=False,
-                         xla_cpu_ynn_fusions_kept=kept)
-    mesh = parallel.make_mesh(2)
-    state = train.init_state(config, mesh, jax.random.key(0), 10)
-    batch = bench.synthetic_batch(config, mesh)
-    rng = parallel.replicate(jax.random.key(1), mesh)
-    compiled = train.compile_train_step(config, mesh).lower(
-        state, batch, rng).compile()
-    results.append((_ynn_fusion_opcodes(compiled.as_text()),
-                    *jax.device_get(compiled(state, batch, rng))))
-  (kept, state_kept, metrics_kept), (none, state_none, metrics_none) = results
+  fusions, each a reduction (its convolutions and dots are XLA's), and two
+  steps compute what the step without any YNNPACK fusion does."""
+  hlo_kept, *step_kept = _two_steps(tiny_config(
+      idx_dir, "cnn.py", xla_cpu_ynn_fusions=False,
+      xla_cpu_ynn_fusions_kept="reduce"))
+  hlo_none, *step_none = _two_steps(tiny_config(idx_dir, "cnn.py", **OFF))
+  kept = _ynn_fusion_opcodes(hlo_kept)
   assert sum("reduce" in ops for ops in kept) >= 5, kept
   assert not set().union(*kept) & {"convolution", "dot"}, kept
-  assert none == []
-  np.testing.assert_allclose(metrics_kept["loss"], metrics_none["loss"],
-                             rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6),
-               state_kept.params, state_none.params)
+  assert _ynn_fusion_opcodes(hlo_none) == []
+  _assert_same_step(step_kept, step_none)
