@@ -105,11 +105,12 @@ def get_run_config(config, family: str, seed: int = 0):
   # JAX's persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR or
   # WORKDIR/compilation_cache; "off"; or a directory.
   config.compilation_cache_dir = ""
-  # On CPU: XLA:CPU's YNNPACK convolution and dot fusions (jaxlib 0.10's
-  # default) or, False, XLA's own emitters, per compiled program
+  # On CPU: XLA:CPU's YNNPACK convolution, dot and reduction fusions
+  # (jaxlib 0.10's default) or, False, XLA's own emitters, per compiled program
   # (`parallel.compiler_options`); ignored on GPU and TPU. Which is faster
   # depends on the model and the processor: `genimg bench --model M
-  # --config.xla_cpu_ynn_fusions=false` tells (README, docs/performance.md).
+  # --config.xla_cpu_ynn_fusions=false` tells (README, docs/performance.md);
+  # every experiment config sets False.
   config.xla_cpu_ynn_fusions = True
   # With it False, the YNNPACK fusion types still made (comma-separated:
   # reduce, eltwise, dot, individual_dot, individual_convolution; "": none).
