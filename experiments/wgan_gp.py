@@ -13,9 +13,6 @@ from experiments import dcgan
 
 def get_config(arg=""):
   config = dcgan.get_config(arg)
-  # XLA's default (YNNPACK fusions) for now: with dcgan.py's False its
-  # two-process test failed once (2026-11-27, not yet diagnosed).
-  config.xla_cpu_ynn_fusions = True
   _, variant = dcgan.common.parse_arg(arg)
   config.gan.loss = "wgan_gp"
   config.gan.n_critic = 5

@@ -396,12 +396,13 @@ def bind_train_step(config, mesh=None):
   return functools.partial(train_step, settings=settings)
 
 
-def make_sampler(mesh, compiler_options=None):
-  """jit of generate(): z [N, Z] and labels [N] sharded on "data";
-  compiler_options: `parallel.compiler_options` of the run's config."""
+def make_sampler(config, mesh):
+  """jit of generate(), compiled with the run's `parallel.compiler_options`:
+  z [N, Z] and labels [N] sharded on "data"."""
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
   return jax.jit(generate, in_shardings=(repl, repl, batch, batch, repl),
-                 out_shardings=batch, compiler_options=compiler_options)
+                 out_shardings=batch,
+                 compiler_options=parallel.compiler_options(config, mesh))
 
 
 def make_ema_batch_stats(config, mesh, num_batches: int = 8,
@@ -450,7 +451,7 @@ def sample_images(config, mesh, state: GANState, labels_N: np.ndarray,
   stats = make_ema_batch_stats(config, mesh)(
       state, parallel.replicate(stats_rng, mesh))
   z = np.asarray(jax.random.normal(z_rng, (len(labels_N), config.gan.z_dim)))
-  sampler = make_sampler(mesh, parallel.compiler_options(config, mesh))
+  sampler = make_sampler(config, mesh)
   return sample_uint8(sampler, state, z, labels_N, mesh, stats)
 
 
@@ -466,7 +467,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
   Every process runs every sampling call; only process 0 writes files.
   """
   settings = settings_from_config(config)
-  sampler = make_sampler(mesh, parallel.compiler_options(config, mesh))
+  sampler = make_sampler(config, mesh)
   ema_batch_stats = make_ema_batch_stats(config, mesh)
   fixed_z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                          (64, settings.z_dim)))

@@ -244,13 +244,16 @@ class FeatureNetwork:
   features_and_logits(variables, images_uint8) -> (features, logits): the
   shipped ResNet (`resnet_features_and_logits`) or the FID Inception
   (`inception.FIDInceptionV3().apply`).
+
+  A measuring instrument: it compiles with XLA's default options whatever
+  the run's `parallel.compiler_options`, so the same images get the same
+  features (and FID) under every experiment config.
   """
   features_and_logits: Callable
   variables: dict
   mesh: jax.sharding.Mesh
   batch_size: int = 512
   name: str = "resnet"
-  compiler_options: dict | None = None  # `parallel.compiler_options`.
 
   def __post_init__(self):
     def features_and_probs(variables, images_uint8):
@@ -259,8 +262,7 @@ class FeatureNetwork:
     repl = parallel.replicated(self.mesh)
     data = parallel.data_sharding(self.mesh)
     self._apply = jax.jit(features_and_probs, in_shardings=(repl, data),
-                          out_shardings=(data, data),
-                          compiler_options=self.compiler_options)
+                          out_shardings=(data, data))
     self.variables = parallel.replicate(self.variables, self.mesh)
 
   def __call__(self, images_uint8: np.ndarray):
@@ -281,8 +283,7 @@ def resnet_features_and_logits(model: classifier.ResNet):
 
 
 def load_feature_network(mesh, path: str = FEATURE_NETWORK,
-                         image_shape=None,
-                         compiler_options=None) -> FeatureNetwork:
+                         image_shape=None) -> FeatureNetwork:
   """A saved ResNet feature network, checked against its SHA-256 and, if
   given, the image shape it must accept."""
   if not os.path.isfile(path) or not os.path.isfile(path + ".json"):
@@ -311,8 +312,7 @@ def load_feature_network(mesh, path: str = FEATURE_NETWORK,
     variables = flax.serialization.from_bytes(
         jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), f.read())
   return FeatureNetwork(resnet_features_and_logits(model), variables, mesh,
-                        name=os.path.basename(path),
-                        compiler_options=compiler_options)
+                        name=os.path.basename(path))
 
 
 def feature_network_path(name_or_path: str) -> str:
@@ -331,15 +331,13 @@ def feature_network_for_config(config, mesh) -> FeatureNetwork:
         "network's name, a file from `genimg export-features` or "
         "inception:FILE. Or set --config.eval_samples=0 to skip FID and "
         "score.")
-  options = parallel.compiler_options(config, mesh)
   if name.startswith("inception:"):
     from genimg_jax import inception  # pylint: disable=g-import-not-at-top
     variables = inception.load_variables(name[len("inception:"):])
     return FeatureNetwork(inception.FIDInceptionV3().apply, variables, mesh,
-                          batch_size=128, name="inception",
-                          compiler_options=options)
+                          batch_size=128, name="inception")
   return load_feature_network(mesh, feature_network_path(name),
-                              config.data.image_shape, options)
+                              config.data.image_shape)
 
 
 def metrics_for_config(config, mesh, real_source):

@@ -11,7 +11,8 @@ import pytest
 from conftest import tiny_config
 from test_diffusion import MINI_UNET
 from test_gan import _tiny_feature_network
-from genimg_jax import bench, classifier, diffusion, gan, parallel, train, vae
+from genimg_jax import bench, classifier, diffusion, gan, parallel, quality
+from genimg_jax import train, vae
 from genimg_jax import data as data_lib
 
 OFF = {"xla_cpu_ynn_fusions": False, "xla_cpu_ynn_fusions_kept": ""}
@@ -90,13 +91,13 @@ def _assert_same_step(step, expected):
                                    expected_state.params)
 
 
-# Programs each evaluator compiles: its own, plus the feature network's
-# where it computes FID.
+# Programs each evaluator compiles with the run's options (the feature
+# network's keeps XLA's defaults: `test_features_ignore_the_runs_options`).
 EVALUATORS = [
     ("cnn.py", classifier, {}, 1),
-    ("dcgan.py", gan, {}, 3),  # Sampler, standing statistics, features.
-    ("vae_conv.py", vae, {"vae.iw_samples": 2}, 3),  # Bounds, decoder.
-    ("ddpm.py", diffusion, MINI_UNET, 3),  # Sampler, test loss.
+    ("dcgan.py", gan, {}, 2),  # Sampler, standing statistics.
+    ("vae_conv.py", vae, {"vae.iw_samples": 2}, 2),  # Bounds, decoder.
+    ("ddpm.py", diffusion, MINI_UNET, 2),  # Sampler, test loss.
 ]
 
 
@@ -129,6 +130,24 @@ def test_every_evaluation_program_gets_the_options(
     with_options = [o for o in seen if o]
     assert len(with_options) == (programs if want else 0), seen
     assert all(o == want for o in with_options)
+
+
+def test_features_ignore_the_runs_options(idx_dir, tmp_path):
+  """The feature network is an instrument: configs that compile their own
+  programs differently get bit-identical features (hence FID) of the same
+  images."""
+  path = str(tmp_path / "net.msgpack")
+  _tiny_feature_network(path, idx_dir)
+  mesh = parallel.make_mesh()
+  features = []
+  for fusions in (True, False):
+    config = tiny_config(idx_dir, "dcgan.py", xla_cpu_ynn_fusions=fusions,
+                         feature_network=path, eval_samples=16)
+    source = data_lib.load_split(config.data, "test")
+    images = source.take(np.arange(len(source)))["image"]
+    features.append(quality.feature_network_for_config(config, mesh)(images))
+  np.testing.assert_array_equal(features[0][0], features[1][0])
+  np.testing.assert_array_equal(features[0][1], features[1][1])
 
 
 def _ynn_fusion_opcodes(hlo_text: str) -> list[set[str]]:

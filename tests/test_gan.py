@@ -244,9 +244,7 @@ def test_gan_evaluation_writes_grids_and_fid(tmp_path, idx_dir):
       jax.random.fold_in(jax.random.key(config.seed + 4), 2), mesh))
   z = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                    (64, 100)))
-  # Compiled as the run compiles it (dcgan.py: XLA's own CPU convolutions,
-  # whose pixels can round differently from YNNPACK's).
-  sampler = gan.make_sampler(mesh, parallel.compiler_options(config, mesh))
+  sampler = gan.make_sampler(config, mesh)
   want = gan.sample_uint8(sampler, state, z,
                           np.arange(64, dtype=np.int32) % 10, mesh, stats)
   png = np.asarray(Image.open(os.path.join(workdir, "samples",
