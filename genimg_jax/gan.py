@@ -78,7 +78,9 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
   """DCGAN discriminator: Conv(64, 4x4, s2) and Conv(128, 4x4, s2), each
-  LeakyReLU(0.2)-Dropout, then Dense(1) logits [B].
+  LeakyReLU(0.2)-Dropout, then Dense(1) logits [B]. The convolutions are
+  `layers.ConvStride2` (nn.Conv's parameters; a faster input gradient on
+  CPU), the dropout `layers.Dropout` (masks from 16 random bits per value).
 
   `spectral_norm`: every layer, the class embedding included, wrapped in
   `nn.SpectralNorm` (power-iteration vectors in "batch_stats"; updated only
@@ -100,11 +102,12 @@ class Discriminator(nn.Module):
 
     x = x_BHWC.astype(self.dtype)
     widths = (64, 128) if x.shape[1] <= 32 else (64, 128, 256)
-    for features in widths:
-      x = layer(nn.Conv(features, (4, 4), (2, 2), padding="SAME",
-                        dtype=self.dtype), x)
+    for i, features in enumerate(widths):
+      # nn.Conv(features, (4, 4), (2, 2), "SAME")'s parameters and names.
+      x = layer(layers.ConvStride2(features, 4, dtype=self.dtype,
+                                   name=f"Conv_{i}"), x)
       x = nn.leaky_relu(x, 0.2)
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = layers.Dropout(self.dropout_rate, deterministic=not train)(x)
     h = x.reshape(x.shape[0], -1)
     logits = layer(nn.Dense(1, dtype=self.dtype), h)[:, 0]
     if self.num_classes:  # Spectrally normalised too (Miyato & Koyama).

@@ -138,3 +138,71 @@ def test_cpu_rewrites_only_on_cpu(monkeypatch, cpu):
                                   padding="SAME")
     np.testing.assert_allclose(ours.apply(variables, x),
                                flax_layer.apply(variables, x), atol=1e-5)
+  x_even = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  conv = layers.ConvStride2(8, 4)
+  variables = conv.init(jax.random.key(1), x_even)
+  ops = _forward_ops(lambda v: conv.apply(v, x_even), variables)
+  assert any(op.startswith("custom_vjp") for op in ops) == cpu, ops
+
+
+@pytest.mark.parametrize("batch,size,cin,cout,kernel", [
+    (2, 28, 1, 8, 4), (2, 14, 8, 16, 4), (2, 8, 3, 4, 3), (2, 7, 4, 8, 4),
+    (1, 6, 2, 3, 5)])
+def test_conv_stride2_matches_flax(batch, size, cin, cout, kernel):
+  """Values, kernel and input gradients of nn.Conv(..., (2, 2), "SAME");
+  on CPU with an even size through the phase-form input gradient."""
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+  ours = layers.ConvStride2(cout, kernel)
+  _assert_same_as_flax(
+      ours, nn.Conv(cout, (kernel, kernel), (2, 2), padding="SAME"), x,
+      bias=0.1)
+  variables = ours.init(jax.random.key(1), x)
+  custom = [op for op in _forward_ops(lambda v: ours.apply(v, x), variables)
+            if op.startswith("custom_vjp")]
+  assert bool(custom) == (size % 2 == 0), custom  # Odd sizes: lax's.
+
+
+def test_conv_stride2_second_order_gradient_matches_lax():
+  """A gradient penalty (WGAN-GP) differentiates the input gradient again:
+  its kernel gradient is lax's."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  kernel = 0.3 * jax.random.normal(jax.random.key(1), (4, 4, 3, 5))
+  lax_conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def penalty_grad(conv):
+    def penalty(k):
+      g_x = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, k))))(x)
+      return jnp.sum(g_x ** 2)
+    return jax.grad(penalty)(kernel)
+  np.testing.assert_allclose(penalty_grad(layers.conv_stride2_same),
+                             penalty_grad(lax_conv), rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_keep_mask_rate_and_independent_halves():
+  """Bernoulli(q) with q within 2^-17 of keep_prob; the two 16-bit halves
+  of each draw are independent (they agree at q^2 + (1 - q)^2, not 1);
+  another key, another mask."""
+  shape = (64, 14, 14, 65)  # Odd last axis: the halves overlap by one.
+  mask, q = layers.dropout_keep_mask(jax.random.key(0), 0.7, shape)
+  assert mask.shape == shape and mask.dtype == jnp.bool_
+  assert abs(q - 0.7) <= 2.0 ** -17
+  n, sigma = mask.size, (q * (1 - q) / mask.size) ** 0.5
+  assert abs(float(mask.mean()) - q) < 5 * sigma, (float(mask.mean()), q, n)
+  agree = float(jnp.mean(mask[..., :32] == mask[..., 33:]))
+  assert abs(agree - (q * q + (1 - q) ** 2)) < 0.01, agree
+  other, _ = layers.dropout_keep_mask(jax.random.key(1), 0.7, shape)
+  assert abs(float(jnp.mean(mask == other)) - (q * q + (1 - q) ** 2)) < 0.01
+
+
+def test_dropout_scales_kept_values_by_the_keep_probability():
+  x = jax.random.normal(jax.random.key(0), (8, 7, 7, 16)) + 3.0
+  dropout = layers.Dropout(0.3)
+  assert dropout.apply({}, x, deterministic=True) is x
+  y = dropout.apply({}, x, deterministic=False,
+                    rngs={"dropout": jax.random.key(2)})
+  kept = y != 0  # x is never 0 here.
+  _, q = layers.dropout_keep_mask(jax.random.key(2), 0.7, x.shape)
+  np.testing.assert_array_equal(y[kept], (x / q)[kept])
+  assert 0.6 < float(jnp.mean(kept)) < 0.8
+  assert float(jnp.abs(jnp.mean(y) / jnp.mean(x) - 1)) < 0.05  # Unbiased.
