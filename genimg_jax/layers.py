@@ -4,7 +4,10 @@ Each computes exactly what the Flax layer it replaces computes (same
 parameters, same outputs up to float summation order); the tests check this.
 The rewrites are CPU tricks (XLA:CPU's convolutions of these shapes, and its
 reduce-window gradient, are slow): on any other backend (`jax.default_backend()`
-when the layer is traced) the native `lax` ops are used.
+when the layer is traced) the native `lax` ops are used. `Dropout` is the
+exception on both counts: on every backend it draws 16 random bits per value
+where `nn.Dropout` draws 32, so its masks differ from Flax's (same keep rate
+to within 2^-17).
 """
 
 from __future__ import annotations
