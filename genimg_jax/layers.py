@@ -230,26 +230,6 @@ class Dropout(nn.Module):
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
-class ConvStride2(nn.Module):
-  """`nn.Conv(features, (k, k), (2, 2), padding="SAME")`: the same
-  parameters ("kernel" [k, k, I, O], "bias" [O]), initializers and outputs,
-  by `conv_stride2_same` (a faster input gradient on CPU)."""
-  features: int
-  kernel_size: int = 4
-  dtype: Any = None
-  kernel_init: Any = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x_BHWC):
-    kernel = self.param("kernel", self.kernel_init,
-                        (self.kernel_size, self.kernel_size, x_BHWC.shape[-1],
-                         self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    dtype = self.dtype or x_BHWC.dtype
-    y = conv_stride2_same(x_BHWC.astype(dtype), kernel.astype(dtype))
-    return y + bias.astype(dtype)
-
-
 def forward_by(fast_fn, reference_fn):
   """fast_fn's values with reference_fn's gradient (a custom VJP).
 
@@ -277,16 +257,17 @@ def _lax_conv_transpose(stride: int):
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-class _ConvTransposeSame(nn.Module):
-  """Parameters, dtype and bias of a "SAME" transposed convolution; the
-  subclass's `transpose_conv(x, kernel)` computes it."""
+class _SameConv(nn.Module):
+  """Parameters, dtype and bias of a "SAME" convolution or transposed
+  convolution (kernel [k, k, I, O]); the subclass's `convolve(x, kernel)`
+  computes it."""
   features: int
   kernel_size: int = 4
   use_bias: bool = True
   dtype: Any = None
   kernel_init: Any = nn.initializers.lecun_normal()
 
-  def transpose_conv(self, x_BHWC, kernel_KKIO):
+  def convolve(self, x_BHWC, kernel_KKIO):
     raise NotImplementedError
 
   @nn.compact
@@ -295,14 +276,14 @@ class _ConvTransposeSame(nn.Module):
                         (self.kernel_size, self.kernel_size, x_BHWC.shape[-1],
                          self.features))
     dtype = self.dtype or x_BHWC.dtype
-    y = self.transpose_conv(x_BHWC.astype(dtype), kernel.astype(dtype))
+    y = self.convolve(x_BHWC.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)
                          ).astype(dtype)
     return y
 
 
-class ConvTranspose1x(_ConvTransposeSame):
+class ConvTranspose1x(_SameConv):
   """`nn.ConvTranspose(features, (k, k), padding="SAME")` (stride 1).
 
   The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
@@ -310,19 +291,19 @@ class ConvTranspose1x(_ConvTransposeSame):
   rows.
   """
 
-  def transpose_conv(self, x_BHWC, kernel_KKIO):
+  def convolve(self, x_BHWC, kernel_KKIO):
     if not cpu_rewrites():
       return _lax_conv_transpose(1)(x_BHWC, kernel_KKIO)
     return conv_transpose_stride1(x_BHWC, kernel_KKIO)
 
 
-class ConvTransposeTaps(_ConvTransposeSame):
+class ConvTransposeTaps(_SameConv):
   """`nn.ConvTranspose(features, (k, k), padding="SAME")` (stride 1) whose
   forward pass on CPU is `conv_transpose_taps` (for few output channels, e.g.
   an image's logits: 10x faster than XLA:CPU's convolution at 32 -> 1
   channels) and whose gradient is lax's. Same parameters and outputs."""
 
-  def transpose_conv(self, x_BHWC, kernel_KKIO):
+  def convolve(self, x_BHWC, kernel_KKIO):
     reference = _lax_conv_transpose(1)
     if not cpu_rewrites():
       return reference(x_BHWC, kernel_KKIO)
@@ -330,7 +311,7 @@ class ConvTransposeTaps(_ConvTransposeSame):
     return forward_by(taps, reference)(x_BHWC, kernel_KKIO)
 
 
-class ConvTranspose2x(_ConvTransposeSame):
+class ConvTranspose2x(_SameConv):
   """`nn.ConvTranspose(features, (k, k), strides=(2, 2), padding="SAME")`.
 
   The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
@@ -342,7 +323,16 @@ class ConvTranspose2x(_ConvTransposeSame):
   """
   min_phase_features: int = 8
 
-  def transpose_conv(self, x_BHWC, kernel_KKIO):
+  def convolve(self, x_BHWC, kernel_KKIO):
     if cpu_rewrites() and self.features >= self.min_phase_features:
       return conv_transpose_stride2(x_BHWC, kernel_KKIO)
     return _lax_conv_transpose(2)(x_BHWC, kernel_KKIO)
+
+
+class ConvStride2(_SameConv):
+  """`nn.Conv(features, (k, k), (2, 2), padding="SAME")`: the same
+  parameters ("kernel" [k, k, I, O], "bias" [O]), initializers and outputs,
+  by `conv_stride2_same` (a faster input gradient on CPU)."""
+
+  def convolve(self, x_BHWC, kernel_KKIO):
+    return conv_stride2_same(x_BHWC, kernel_KKIO)
