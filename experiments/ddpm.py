@@ -13,7 +13,7 @@ guidance: experiments/ddpm_cond.py.
 local (28 x 28): a 0.41M-parameter UNet (channels 16, multipliers (1, 2, 2),
 attention at 7 x 7), batch 64, 2,000 steps, FID after 1,000 and 2,000 steps
 by DDIM with 10 steps (measured on 2 CPU cores: about 1.2 s a step, and
-10 minutes for the step-1,000 FID on the shared machine; see the README).
+10 minutes for the step-1,000 FID on the shared machine; see docs/diffusion.md).
 full: DDPM's networks: on
 CIFAR-10 35.7M parameters (channels 128, (1, 2, 2, 2), attention at 16 x 16,
 dropout 0.1), batch 128, 800,000 steps, Adam 2e-4 with 5,000 warm-up steps,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the README's result tables on a 2-core CPU machine, in order.
+# Reproduces the result tables of README.md and docs/results.md on a 2-core CPU machine, in order.
 # Usage: bash experiments/readme_results.sh [OUT_DIR]   (several hours)
 set -euo pipefail
 cd "$(dirname "$0")/.."
