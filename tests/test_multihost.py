@@ -4,6 +4,7 @@ to one host stops both at the same step."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -73,12 +74,15 @@ def run_one_process(command, timeout=300):
   return out
 
 
-def start_two_processes(command):
-  """The command on two processes with 2 CPU devices each."""
+def start_two_processes(command, compilation_cache_dir=None):
+  """The command on two processes with 2 CPU devices each; with a
+  compilation cache directory, process 0 writes it and both read it."""
   port = _free_port()
+  cache = ({"JAX_COMPILATION_CACHE_DIR": compilation_cache_dir}
+           if compilation_cache_dir else {})
   return [subprocess.Popen(
       command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**_base_env(),
+      env={**_base_env(), **cache,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
            "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
@@ -144,9 +148,17 @@ def test_two_processes_train_resume_and_evaluate_like_one(
   single = str(tmp_path / "single")
   run_one_process(_command(experiment, single, idx_dir, 4, extra))
   multi = str(tmp_path / "multi")
-  finish(start_two_processes(_command(experiment, multi, idx_dir, 2, extra)))
+  # The resumed run loads the first run's compiled programs (as a restarted
+  # job on a pod would with a cache directory set): half the test's time.
+  cache = str(tmp_path / "jax_cache")
+  finish(start_two_processes(_command(experiment, multi, idx_dir, 2, extra),
+                             cache))
   assert _eval_json(multi)["step"] == 2
-  finish(start_two_processes(_command(experiment, multi, idx_dir, 4, extra)))
+  outputs = finish(start_two_processes(
+      _command(experiment, multi, idx_dir, 4, extra), cache))
+  # Process 0 reports the cache (process 1 writes no progress).
+  assert re.search(r"Compilation cache \S+: [1-9]\d* hits", outputs[0]), (
+      outputs[0][-2000:])
 
   want, got = _eval_json(single), _eval_json(multi)
   assert got["step"] == want["step"] == 4
