@@ -149,7 +149,7 @@ def test_two_processes_train_resume_and_evaluate_like_one(
   run_one_process(_command(experiment, single, idx_dir, 4, extra))
   multi = str(tmp_path / "multi")
   # The resumed run loads the first run's compiled programs (as a restarted
-  # job on a pod would with a cache directory set): half the test's time.
+  # job on a pod would with a cache directory set) instead of recompiling.
   cache = str(tmp_path / "jax_cache")
   finish(start_two_processes(_command(experiment, multi, idx_dir, 2, extra),
                              cache))
