@@ -23,6 +23,7 @@ import os
 import re
 import statistics
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -133,9 +134,17 @@ def synthetic_batch(config, mesh) -> dict:
   return data.to_global_array(local, mesh)
 
 
-def flops_of(compiled) -> float:
-  """FLOPs of one call of a compiled function, from XLA's cost analysis."""
-  analysis = compiled.cost_analysis()
+def flops_of(program) -> float:
+  """FLOPs of one call of `program`, from XLA's cost analysis.
+
+  program: a `jax.stages.Lowered` (the whole computation as JAX lowered it,
+  before any backend pass: the count of the work asked for, the same on
+  every backend and device count) or a `Compiled` (one device's program
+  after XLA's passes; XLA:GPU counts no FLOPs for the convolutions it hands
+  to cuDNN, so its count of a conv net is too low, and moves with the batch
+  as the choice of kernels does).
+  """
+  analysis = program.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis.get("flops", 0.0))
@@ -215,11 +224,12 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   batch_data = synthetic_batch(config, mesh)
 
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch_data, rng).compile()
+  lowered = train_step.lower(state, batch_data, rng)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  # XLA reports the cost of one device's program: the step's total is that
-  # times the devices of the mesh.
-  flops = flops_of(compiled) * mesh.devices.size
+  # The whole step over the global batch, counted before XLA's backend
+  # passes (`flops_of`): the same count on CPU, GPU and TPU.
+  flops = flops_of(lowered)
 
   if input_pipeline == "real":
     source = data.load_split(config.data, "train")
@@ -344,7 +354,7 @@ def format_sweep_table(records: list[dict]) -> str:
   """The sweep's table: one row per run, skipped combinations at the end.
 
   limit (on a combination's last run): oom@B (batch B did not fit, so this
-  is the largest that fits), max_batch (the largest batch asked for) or
+  is the largest that fits), error@B (batch B failed otherwise), max_batch (the largest batch asked for) or
   time (the budget stopped the doubling).
   """
   runs = [r for r in records if "skipped" not in r]
@@ -361,8 +371,8 @@ def format_sweep_table(records: list[dict]) -> str:
   lines += [header, "-" * len(header)]
   for r in runs:
     limit = r.get("stop", "")
-    if limit == "oom":
-      limit = f"oom@{r['oom_batch']}"
+    if limit in ("oom", "error"):
+      limit = f"{limit}@{r[limit + '_batch']}"
     lines.append(
         f"{r['model']:8} {r['dtype']:8} {r['batch']:6d} "
         f"{r['step_ms_median']:9.2f} {r['images_per_s']:10.0f} "
@@ -388,9 +398,12 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
   (twice the batch) is expected to take as long again plus its steps' time
   again, and is not started if that overruns the share. A combination's
   first run starts whenever some budget is left. A combination's last run
-  gets "stop" ("oom", "max_batch" or "time") and "largest_fitting" (True
-  only after an out-of-memory error at twice its batch, then "oom_batch").
-  Combinations not run are {"model", "dtype", "batch", "skipped"} records.
+  gets "stop" ("oom", "max_batch", "time" or "error") and "largest_fitting"
+  (True only after an out-of-memory error at twice its batch, then
+  "oom_batch"). Any other error ends that combination, not the sweep: its
+  traceback goes to stderr and the last run gets "error" and "error_batch"
+  (or, with no run, the skipped record says it failed). Combinations not run
+  are {"model", "dtype", "batch", "skipped"} records.
   Each record is appended to `output` (JSON lines) as soon as it exists, so
   a run killed from outside keeps what it measured.
   """
@@ -434,10 +447,14 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
         record = bench_one(model, batch, steps, warmup=warmup, dtype=dtype,
                            devices=1)
       except Exception as e:  # pylint: disable=broad-except
-        if not is_out_of_memory(e):
-          raise
-        stop, oom_batch = "oom", batch
-        print(f"{model} {dtype} batch {batch}: out of memory", flush=True)
+        if is_out_of_memory(e):
+          stop, oom_batch = "oom", batch
+          print(f"{model} {dtype} batch {batch}: out of memory", flush=True)
+        else:  # Recorded; the other combinations still run.
+          stop, oom_batch = "error", batch
+          error = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+          print(f"{model} {dtype} batch {batch}: failed", flush=True)
+          traceback.print_exc()
         break
       finally:
         gc.collect()  # Frees the state (and, after an error, its traceback).
@@ -456,13 +473,17 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
         break
       batch *= 2
     if last is None:
+      why = (f"failed at batch {start_batch}: {error}" if stop == "error"
+             else f"out of memory at batch {start_batch}")
       emit({"model": model, "dtype": dtype, "batch": start_batch,
-            "skipped": f"out of memory at batch {start_batch}"})
+            "skipped": why})
       continue
     last["stop"] = stop
     last["largest_fitting"] = stop == "oom"
-    if stop == "oom":
-      last["oom_batch"] = oom_batch
+    if stop in ("oom", "error"):
+      last["oom_batch" if stop == "oom" else "error_batch"] = oom_batch
+    if stop == "error":
+      last["error"] = error
     emit()
   print(format_sweep_table(records), flush=True)
   return records

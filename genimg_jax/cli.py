@@ -192,9 +192,16 @@ def main(argv=None) -> int:
         jax.config.update("jax_default_matmul_precision",
                           args.matmul_precision)
       if args.sweep:
-        bench.sweep(args.model.split(","), args.dtypes.split(","),
-                    ints(args.batch)[0], args.max_batch, args.time_budget,
-                    args.steps or 10, output=args.output or None)
+        records = bench.sweep(
+            args.model.split(","), args.dtypes.split(","),
+            ints(args.batch)[0], args.max_batch, args.time_budget,
+            args.steps or 10, output=args.output or None)
+        failed = [f"{r['model']} {r['dtype']}" for r in records
+                  if "error" in r or "failed" in r.get("skipped", "")]
+        if failed:  # Their tracebacks are above; the table has the rest.
+          print(f"genimg bench: error: failed: {', '.join(failed)}",
+                file=sys.stderr)
+          return 1
       else:
         bench.run(args.model.split(","), ints(args.batch), ints(args.devices),
                   args.steps or 20, args.dtype, args.input,
