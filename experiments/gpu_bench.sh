@@ -7,6 +7,11 @@
 #
 # Install first, from the repo root (the `cuda12` extra is jax[cuda12]):
 #   python -m venv .venv && .venv/bin/pip install -e '.[cuda12]'
+# On a machine with no package registry but a CUDA JAX, flax and optax of its
+# own, carry wheels of this package (`pip wheel --no-deps .`), ml_collections
+# and tensorboardX, install them with `pip install --no-deps --target DIR`,
+# and run with PYTHONPATH=DIR PYTHONSAFEPATH=1 PYTHON=python3
+# (docs/performance.md, "One NVIDIA H200").
 # Usage, from the repo root:
 #   bash experiments/gpu_bench.sh [OUT_DIR]    (default: $OUT, else /tmp/gpu_bench)
 # Writes OUT_DIR/gpu_bench.jsonl (one record per run) and OUT_DIR/gpu_bench.txt.
