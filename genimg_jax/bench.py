@@ -36,6 +36,21 @@ MODELS = {"cnn": "cnn.py", "resnet": "resnet.py",
           "dcgan": "dcgan.py", "vae": "vae_conv.py",
           "vae_mlp": "vae_mlp.py", "ddpm": "ddpm.py", "flow": "flow.py"}
 
+def split_models(text: str) -> list[str]:
+  """`--model`'s comma-separated names; a config argument may hold commas.
+
+  "ddpm:cifar10,full,cnn" -> ["ddpm:cifar10,full", "cnn"]: a part that
+  does not start with a model name (or "all") continues the one before it.
+  """
+  models = []
+  for part in text.split(","):
+    if models and config_lib.split_config_arg(part)[0] not in (*MODELS, "all"):
+      models[-1] += "," + part
+    else:
+      models.append(part)
+  return models
+
+
 # Published dense (not sparse) peak FLOP/s per device: (substring of
 # device_kind, float32, tensorfloat32, bfloat16), first match wins. float32 on
 # GPUs is the non-tensor-core rate; tensorfloat32 is None where there is none.
@@ -365,7 +380,8 @@ def format_sweep_table(records: list[dict]) -> str:
                       r["dtype"] == "float32"})
     lines.append(f"device: {', '.join(kinds)}, 1 device; float32 matmuls ran "
                  f"as: {', '.join(matmuls) or 'n/a'}")
-  header = (f"{'model':8} {'dtype':8} {'batch':>6} {'step ms':>9} "
+  w = max([8] + [len(r["model"]) for r in records])  # model column
+  header = (f"{'model':{w}} {'dtype':8} {'batch':>6} {'step ms':>9} "
             f"{'images/s':>10} {'GFLOP/step':>10} {'TFLOP/s':>8} "
             f"{'peak':>7} {'kind':4} {'%peak':>6} {'limit':>9}")
   lines += [header, "-" * len(header)]
@@ -374,14 +390,14 @@ def format_sweep_table(records: list[dict]) -> str:
     if limit in ("oom", "error"):
       limit = f"{limit}@{r[limit + '_batch']}"
     lines.append(
-        f"{r['model']:8} {r['dtype']:8} {r['batch']:6d} "
+        f"{r['model']:{w}} {r['dtype']:8} {r['batch']:6d} "
         f"{r['step_ms_median']:9.2f} {r['images_per_s']:10.0f} "
         f"{r['flops_per_step'] / 1e9:10.3f} {r['flops_per_s'] / 1e12:8.2f} "
         f"{r['peak_flops_per_s'] / 1e12:7.1f} {r['peak_kind']:4} "
         f"{100 * r['fraction_of_peak']:6.2f} {limit:>9}")
   for r in records:
     if "skipped" in r:
-      lines.append(f"{r['model']:8} {r['dtype']:8} skipped: {r['skipped']}")
+      lines.append(f"{r['model']:{w}} {r['dtype']:8} skipped: {r['skipped']}")
   return "\n".join(lines)
 
 

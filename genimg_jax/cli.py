@@ -107,7 +107,9 @@ def _parser():
                         "devices)")
   bench = sub.add_parser("bench", help="time compiled train steps")
   bench.add_argument("--model", default="cnn",
-                     help="comma-separated model names, or all")
+                     help="comma-separated model names, or all; a name "
+                          "may end in :ARG, the config's argument (e.g. "
+                          "ddpm:cifar10,full)")
   bench.add_argument("--batch", default="128",
                      help="comma-separated sizes (--sweep: the first)")
   bench.add_argument("--steps", type=int, default=None,
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
                           args.matmul_precision)
       if args.sweep:
         records = bench.sweep(
-            args.model.split(","), args.dtypes.split(","),
+            bench.split_models(args.model), args.dtypes.split(","),
             ints(args.batch)[0], args.max_batch, args.time_budget,
             args.steps or 10, output=args.output or None)
         failed = [f"{r['model']} {r['dtype']}" for r in records
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
                 file=sys.stderr)
           return 1
       else:
-        bench.run(args.model.split(","), ints(args.batch), ints(args.devices),
+        bench.run(bench.split_models(args.model), ints(args.batch), ints(args.devices),
                   args.steps or 20, args.dtype, args.input,
                   args.output or None, args.profile or None, overrides)
       metrics = None

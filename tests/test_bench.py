@@ -95,6 +95,16 @@ ENTRY %main (a: f32[2]) -> f32[2] {
   assert sources["a"] == "a"
 
 
+def test_model_names_keep_config_arguments_with_commas():
+  assert bench.split_models("ddpm:cifar10,full,cnn,all") == [
+      "ddpm:cifar10,full", "cnn", "all"]
+  assert bench.split_models("cnn,vae_mlp") == ["cnn", "vae_mlp"]
+  name = bench.split_models("resnet:cifar10,full,cnn")[0]
+  config = bench.load_model_config(name, 16, "float32", 1)
+  assert config.model.width == 32 and config.data.image_shape == (32, 32, 3)
+  assert bench.load_model_config("resnet", 16, "float32", 1).model.width == 16
+
+
 def test_bench_unknown_model():
   with pytest.raises(ValueError, match="Unknown model 'gpt'"):
     bench.load_model_config("gpt", 16, "float32", 1)
@@ -296,7 +306,8 @@ def test_bench_cli_sweep(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(bench, "bench_one", fake)
   out = tmp_path / "s.jsonl"
   try:
-    assert cli.main(["bench", "--sweep", "--model", "cnn,vae", "--dtypes",
+    assert cli.main(["bench", "--sweep", "--model", "cnn:mnist,full,vae",
+                     "--dtypes",
                      "float32", "--batch", "32", "--max-batch", "64",
                      "--matmul-precision", "highest", "--output",
                      str(out)]) == 0
@@ -304,7 +315,8 @@ def test_bench_cli_sweep(tmp_path, monkeypatch, capsys):
     jax.config.update("jax_default_matmul_precision", None)
   records = bench.read_records(str(out))
   assert [(r["model"], r["batch"]) for r in records] == [
-      ("cnn", 32), ("cnn", 64), ("vae", 32), ("vae", 64)]
+      ("cnn:mnist,full", 32), ("cnn:mnist,full", 64), ("vae", 32),
+      ("vae", 64)]
   assert seen == ["highest"] * 4
   assert "images/s" in capsys.readouterr().out
 
