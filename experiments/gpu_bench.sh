@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # GPU numbers (issue 17) in one run of at most 8 minutes: every model's train
-# step in float32 and bfloat16 on 1 device, the batch doubling from 128 until
+# step in float32 and bfloat16 on 1 device, the batch growing from 128 until
 # it runs out of memory (or reaches MAX_BATCH, or the time budget ends), then
-# a table of images/s and fraction of peak. float32 rows say whether their
-# matmuls ran as TF32 (JAX's default on Ampere and newer) and use that peak.
+# a table of images/s and fraction of peak. The batch jumps to the largest
+# power-of-two multiple that XLA's memory analysis of the last run predicts
+# to fit, and bisects back after a jump that does not fit. float32 rows say
+# whether their matmuls ran as TF32 (JAX's default on Ampere and newer) and
+# use that peak.
 #
 # Install first, from the repo root (the `cuda12` extra is jax[cuda12]):
 #   python -m venv .venv && .venv/bin/pip install -e '.[cuda12]'
@@ -15,8 +18,9 @@
 # Usage, from the repo root:
 #   bash experiments/gpu_bench.sh [OUT_DIR]    (default: $OUT, else /tmp/gpu_bench)
 # Writes OUT_DIR/gpu_bench.jsonl (one record per run) and OUT_DIR/gpu_bench.txt.
-# Environment: MODELS (default all), DTYPES (float32,bfloat16), START_BATCH
-# (128), MAX_BATCH (8192), BUDGET (sweep seconds, 420), MATMUL_PRECISION
+# Environment: MODELS (default all; a config argument may follow, e.g.
+# ddpm:cifar10,full), DTYPES (float32,bfloat16), START_BATCH (128), MAX_BATCH
+# (65536), BUDGET (sweep seconds, 420), MATMUL_PRECISION
 # (highest: true float32 matmuls instead of TF32), PYTHON (.venv/bin/python if
 # there is one, else python3), XLA_PYTHON_CLIENT_MEM_FRACTION (0.9: the share
 # of GPU memory JAX may use, so "fits" means fits in that), HARD_STOP (480:
@@ -39,7 +43,7 @@ else
   echo "nvidia-smi not found: the sweep runs on JAX's default backend"
 fi
 args=(bench --sweep --model "${MODELS:-all}" --dtypes "${DTYPES:-float32,bfloat16}"
-      --batch "${START_BATCH:-128}" --max-batch "${MAX_BATCH:-8192}"
+      --batch "${START_BATCH:-128}" --max-batch "${MAX_BATCH:-65536}"
       --time-budget "${BUDGET:-420}" --output "$jsonl")
 if [[ -n ${MATMUL_PRECISION:-} ]]; then
   args+=(--matmul-precision "$MATMUL_PRECISION")

@@ -19,6 +19,7 @@ import gc
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import statistics
@@ -219,6 +220,22 @@ def _op_sources(hlo_text: str) -> dict[str, str]:
   return sources
 
 
+def memory_fields(compiled, state, device) -> dict:
+  """The step's memory on one device, for the sweep's batch prediction:
+  memory_bytes (XLA's analysis: arguments + outputs - donated + temporaries),
+  state_bytes (the train state's arrays), memory_limit_bytes (what the device
+  reports it can hold; None on CPU)."""
+  analysis = compiled.memory_analysis()
+  used = None
+  if analysis is not None:
+    used = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+  stats = device.memory_stats() or {}
+  return {"memory_bytes": used,
+          "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+          "memory_limit_bytes": stats.get("bytes_limit")}
+
+
 def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
               dtype: str = "float32", devices: int = 0,
               input_pipeline: str = "synthetic",
@@ -272,6 +289,7 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
       jax.profiler.stop_trace()
 
   device = mesh.devices.flat[0]
+  memory = memory_fields(compiled, state, device)
   matmul = float32_matmul(device)
   peak, peak_source, peak_kind = peak_flops(device, dtype, matmul)
   median = statistics.median(times)
@@ -287,6 +305,7 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
       "peak_flops_per_s": peak * mesh.devices.size,
       "peak_source": peak_source, "peak_kind": peak_kind,
       "fraction_of_peak": flops / median / (peak * mesh.devices.size),
+      **memory,
   }
   if trace_dir:
     record["profile_dir"] = trace_dir
@@ -401,13 +420,47 @@ def format_sweep_table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def next_sweep_batch(record: dict, max_batch: int,
+                     oom_batch: int | None = None,
+                     headroom: float = 0.8) -> int | None:
+  """The batch a sweep times after `record`'s: twice it, or, where the
+  record has the device's memory ("memory_limit_bytes", GPUs and TPUs), the
+  largest power-of-two multiple predicted to fit in `headroom` of it; never
+  above `max_batch` nor at or above `oom_batch` (known not to fit). None when
+  no batch is left.
+
+  The prediction is linear from the one run: the state ("state_bytes") plus
+  the rest of the step's memory ("memory_bytes", XLA's memory analysis)
+  scaled with the batch. Overestimating the per-image part (it includes
+  fixed buffers) errs towards batches that fit.
+  """
+  batch = record["batch"]
+  largest = min(max_batch, oom_batch - 1 if oom_batch else max_batch)
+  if 2 * batch > largest:
+    return None
+  next_batch = 2 * batch
+  used, total = record.get("memory_bytes"), record.get("memory_limit_bytes")
+  if used and total:
+    fixed = record.get("state_bytes", 0)
+    per_image = max(used - fixed, 0) / batch
+    while (2 * next_batch <= largest and
+           fixed + per_image * 2 * next_batch <= headroom * total):
+      next_batch *= 2
+  return next_batch
+
+
 def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
           max_batch: int = 8192, time_budget_s: float = 420.0,
           steps: int = 10, warmup: int = 2, output: str | None = None,
           clock=time.monotonic) -> list[dict]:
-  """Times each model and dtype on 1 device, doubling the batch from
+  """Times each model and dtype on 1 device, growing the batch from
   `start_batch` until it runs out of memory, passes `max_batch` or would
   overrun the time budget; prints and returns the records.
+
+  The batch doubles, or, on devices that report their memory, jumps to the
+  largest power-of-two multiple predicted to fit (`next_sweep_batch`); a
+  jump that runs out of memory is followed by a batch halfway back (in
+  powers of two), until twice a batch that fits is known not to fit.
 
   Each (model, dtype) gets an equal share of the budget left when it starts
   (time a fast one leaves goes to the later ones); after a run, the next
@@ -456,22 +509,33 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
       continue
     share = left / (len(combos) - index)
     combo_start = clock()
-    batch, last, stop, oom_batch = start_batch, None, "max_batch", None
-    while batch <= max_batch:
+    batch, last, stop, oom_batch, error = (start_batch, None, "max_batch",
+                                           None, "")
+    while True:
       run_start = clock()
       try:
         record = bench_one(model, batch, steps, warmup=warmup, dtype=dtype,
                            devices=1)
       except Exception as e:  # pylint: disable=broad-except
-        if is_out_of_memory(e):
-          stop, oom_batch = "oom", batch
-          print(f"{model} {dtype} batch {batch}: out of memory", flush=True)
-        else:  # Recorded; the other combinations still run.
-          stop, oom_batch = "error", batch
+        if not is_out_of_memory(e):  # Recorded; the other combinations run.
+          stop, error_batch = "error", batch
           error = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
           print(f"{model} {dtype} batch {batch}: failed", flush=True)
           traceback.print_exc()
-        break
+          break
+        oom_batch = batch
+        print(f"{model} {dtype} batch {batch}: out of memory", flush=True)
+        if last is None or batch == 2 * last["batch"]:
+          stop = "oom"
+          break
+        if (clock() - combo_start + (clock() - run_start) > share or
+            clock() - start > time_budget_s):
+          stop = "time"
+          break
+        # A jump went past what fits: try halfway back (in powers of two).
+        batch = last["batch"] * 2 ** (
+            int(math.log2(batch // last["batch"])) // 2)
+        continue
       finally:
         gc.collect()  # Frees the state (and, after an error, its traceback).
         jax.clear_caches()
@@ -481,13 +545,19 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
             f"ms, {record['images_per_s']:.0f} images/s, "
             f"{100 * record['fraction_of_peak']:.2f}% of peak", flush=True)
       elapsed = clock() - run_start
-      expected = elapsed + (warmup + steps) * record["step_ms_median"] / 1e3
-      if batch * 2 <= max_batch and (
-          clock() - combo_start + expected > share or
+      if oom_batch == 2 * batch:
+        stop = "oom"
+        break
+      next_batch = next_sweep_batch(record, max_batch, oom_batch)
+      if next_batch is None:
+        break  # stop stays "max_batch"
+      expected = elapsed + ((warmup + steps) * record["step_ms_median"] / 1e3
+                            * next_batch / batch)
+      if (clock() - combo_start + expected > share or
           clock() - start + expected > time_budget_s):
         stop = "time"
         break
-      batch *= 2
+      batch = next_batch
     if last is None:
       why = (f"failed at batch {start_batch}: {error}" if stop == "error"
              else f"out of memory at batch {start_batch}")
@@ -496,10 +566,10 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
       continue
     last["stop"] = stop
     last["largest_fitting"] = stop == "oom"
-    if stop in ("oom", "error"):
-      last["oom_batch" if stop == "oom" else "error_batch"] = oom_batch
+    if stop == "oom":
+      last["oom_batch"] = oom_batch
     if stop == "error":
-      last["error"] = error
+      last["error"], last["error_batch"] = error, error_batch
     emit()
   print(format_sweep_table(records), flush=True)
   return records

@@ -1,5 +1,6 @@
 """`genimg bench`: what it reports (never how fast)."""
 
+import functools
 import glob
 import json
 import os
@@ -49,6 +50,9 @@ def test_bench_record_fields(tmp_path):
     assert r["images_per_s"] == pytest.approx(16 / r["step_ms_median"] * 1e3)
     assert 0 < r["fraction_of_peak"]
   assert records[0]["scaling_efficiency"] == 1.0
+  # Memory, for the sweep's batch prediction: the CPU reports no limit.
+  assert records[0]["memory_bytes"] > records[0]["state_bytes"] > 0
+  assert records[0]["memory_limit_bytes"] is None
   # FLOPs are of the whole global step as lowered, before any backend pass:
   # the same count on 8 devices as on 1 (not 8 copies of the step, and not
   # the partitioned programs' counts, which add the replicated update).
@@ -238,6 +242,46 @@ def test_sweep_records_other_errors_and_goes_on(monkeypatch, capsys):
   assert cli.main(["bench", "--sweep", "--model", "vae,cnn", "--batch", "8",
                    "--max-batch", "8"]) == 1
   assert "failed: vae float32, vae bfloat16" in capsys.readouterr().err
+
+
+def test_sweep_jumps_to_the_batch_memory_allows(monkeypatch):
+  """Where the device reports its memory, the sweep jumps to the largest
+  power-of-two batch predicted to fit, and bisects back after a jump that
+  does not fit, until twice a fitting batch is known not to."""
+  state, per_image, limit = 1000, 10, 11_000  # Predicted: up to 800 fits.
+  calls = []
+
+  def fake(model, batch, steps, warmup=2, dtype="float32", devices=1,
+           fits_below=400):
+    calls.append(batch)
+    if batch >= fits_below:  # The device holds less than predicted.
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+    record = _fake_record(model, batch, steps, warmup, dtype, devices)
+    record.update(memory_bytes=state + per_image * batch, state_bytes=state,
+                  memory_limit_bytes=limit)
+    return record
+  monkeypatch.setattr(bench, "bench_one", fake)
+  records = bench.sweep(["cnn"], ["float32"], start_batch=8, max_batch=4096)
+  # 8 fits; 512 is the largest predicted to fit in 80% of the limit (it
+  # does not), halfway back is 64 (fits), then 256 (the largest predicted
+  # below 512, fits), and 512 is known not to fit: done.
+  assert calls == [8, 512, 64, 256]
+  assert [r["batch"] for r in records] == [8, 64, 256]
+  assert records[-1]["stop"] == "oom" and records[-1]["largest_fitting"]
+  assert records[-1]["oom_batch"] == 512
+  assert bench.next_sweep_batch(records[0], 4096) == 512
+  assert bench.next_sweep_batch(records[0], 128) == 128  # max_batch caps it.
+  assert bench.next_sweep_batch(records[0], 4096, oom_batch=256) == 128
+  assert bench.next_sweep_batch(records[-1], 4096, oom_batch=512) is None
+  no_memory = {k: v for k, v in records[0].items() if "memory" not in k}
+  assert bench.next_sweep_batch(no_memory, 4096) == 16  # Doubling.
+
+  # When the prediction holds, the sweep goes straight to max_batch.
+  calls.clear()
+  monkeypatch.setattr(bench, "bench_one", functools.partial(
+      fake, fits_below=10**9))
+  records = bench.sweep(["cnn"], ["float32"], start_batch=8, max_batch=256)
+  assert calls == [8, 256] and records[-1]["stop"] == "max_batch"
 
 
 def test_sweep_keeps_to_the_time_budget(monkeypatch, capsys):
