@@ -37,6 +37,7 @@ MODELS = {"cnn": "cnn.py", "resnet": "resnet.py",
           "dcgan": "dcgan.py", "vae": "vae_conv.py",
           "vae_mlp": "vae_mlp.py", "ddpm": "ddpm.py", "flow": "flow.py"}
 
+
 def split_models(text: str) -> list[str]:
   """`--model`'s comma-separated names; a config argument may hold commas.
 
@@ -388,8 +389,8 @@ def format_sweep_table(records: list[dict]) -> str:
   """The sweep's table: one row per run, skipped combinations at the end.
 
   limit (on a combination's last run): oom@B (batch B did not fit, so this
-  is the largest that fits), error@B (batch B failed otherwise), max_batch (the largest batch asked for) or
-  time (the budget stopped the doubling).
+  is the largest that fits), error@B (batch B failed otherwise), max_batch
+  (the largest batch asked for) or time (the budget stopped the growth).
   """
   runs = [r for r in records if "skipped" not in r]
   lines = []
@@ -463,10 +464,11 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
   powers of two), until twice a batch that fits is known not to fit.
 
   Each (model, dtype) gets an equal share of the budget left when it starts
-  (time a fast one leaves goes to the later ones); after a run, the next
-  (twice the batch) is expected to take as long again plus its steps' time
-  again, and is not started if that overruns the share. A combination's
-  first run starts whenever some budget is left. A combination's last run
+  (time a fast one leaves goes to the later ones); after a run, the next is
+  expected to take as long again plus its steps' time scaled by the batch,
+  and is not started if that overruns the share (nor is the batch halfway
+  back after a jump that ran out of memory, if that run overran it). A
+  combination's first run starts whenever some budget is left. Its last run
   gets "stop" ("oom", "max_batch", "time" or "error") and "largest_fitting"
   (True only after an out-of-memory error at twice its batch, then
   "oom_batch"). Any other error ends that combination, not the sweep: its

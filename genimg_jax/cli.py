@@ -205,9 +205,10 @@ def main(argv=None) -> int:
                 file=sys.stderr)
           return 1
       else:
-        bench.run(bench.split_models(args.model), ints(args.batch), ints(args.devices),
-                  args.steps or 20, args.dtype, args.input,
-                  args.output or None, args.profile or None, overrides)
+        bench.run(bench.split_models(args.model), ints(args.batch),
+                  ints(args.devices), args.steps or 20, args.dtype,
+                  args.input, args.output or None, args.profile or None,
+                  overrides)
       metrics = None
   except known_errors as e:
     print(f"genimg {args.command}: error: {e}", file=sys.stderr)
