@@ -214,7 +214,6 @@ def test_sweep_stops_doubling_at_out_of_memory(monkeypatch):
   assert bench.is_out_of_memory(error.value)
 
 
-
 def test_sweep_records_other_errors_and_goes_on(monkeypatch, capsys):
   """A combination that fails (not out of memory) ends itself, not the
   sweep: one broken model must not lose a GPU run's other rows."""
