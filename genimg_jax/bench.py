@@ -41,12 +41,15 @@ MODELS = {"cnn": "cnn.py", "resnet": "resnet.py",
 def split_models(text: str) -> list[str]:
   """`--model`'s comma-separated names; a config argument may hold commas.
 
-  "ddpm:cifar10,full,cnn" -> ["ddpm:cifar10,full", "cnn"]: a part that
-  does not start with a model name (or "all") continues the one before it.
+  "ddpm:cifar10,full,cnn" -> ["ddpm:cifar10,full", "cnn"]: after a name
+  with an argument, a part that does not start with a model name (or "all")
+  continues that argument. ("cnn,gpt" stays two names, so that a typo is
+  reported as an unknown model.)
   """
   models = []
   for part in text.split(","):
-    if models and config_lib.split_config_arg(part)[0] not in (*MODELS, "all"):
+    if (models and ":" in models[-1] and
+        config_lib.split_config_arg(part)[0] not in (*MODELS, "all")):
       models[-1] += "," + part
     else:
       models.append(part)

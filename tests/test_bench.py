@@ -4,12 +4,15 @@ import functools
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from genimg_jax import bench, classifier, parallel, train
 
 
@@ -103,6 +106,7 @@ def test_model_names_keep_config_arguments_with_commas():
   assert bench.split_models("ddpm:cifar10,full,cnn,all") == [
       "ddpm:cifar10,full", "cnn", "all"]
   assert bench.split_models("cnn,vae_mlp") == ["cnn", "vae_mlp"]
+  assert bench.split_models("cnn,gpt") == ["cnn", "gpt"]  # A typo stays.
   name = bench.split_models("resnet:cifar10,full,cnn")[0]
   config = bench.load_model_config(name, 16, "float32", 1)
   assert config.model.width == 32 and config.data.image_shape == (32, 32, 3)
@@ -281,6 +285,28 @@ def test_sweep_jumps_to_the_batch_memory_allows(monkeypatch):
       fake, fits_below=10**9))
   records = bench.sweep(["cnn"], ["float32"], start_batch=8, max_batch=256)
   assert calls == [8, 256] and records[-1]["stop"] == "max_batch"
+
+
+def test_gpu_bench_script_runs_on_cpu(tmp_path):
+  """experiments/gpu_bench.sh end to end, tiny, on this machine's CPU: the
+  script that a lent GPU gets one try at. An unknown model is reported and
+  the script exits 1, with the other rows and the table kept."""
+  env = {**os.environ, "MODELS": "vae_mlp,gpt", "DTYPES": "float32,bfloat16",
+         "START_BATCH": "8", "MAX_BATCH": "16", "BUDGET": "1000",
+         "HARD_STOP": "1100", "PYTHON": sys.executable}
+  out = subprocess.run(
+      ["bash", os.path.join(REPO, "experiments", "gpu_bench.sh"),
+       str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "failed: gpt float32, gpt bfloat16" in out.stderr
+  records = bench.read_records(str(tmp_path / "gpu_bench.jsonl"))
+  assert [(r["model"], r["dtype"], r["batch"]) for r in records] == [
+      ("vae_mlp", "float32", 8), ("vae_mlp", "float32", 16),
+      ("vae_mlp", "bfloat16", 8), ("vae_mlp", "bfloat16", 16),
+      ("gpt", "float32", 8), ("gpt", "bfloat16", 8)]
+  assert all("Unknown model 'gpt'" in r["skipped"] for r in records[4:])
+  table = (tmp_path / "gpu_bench.txt").read_text()
+  assert table.count("max_batch") == 2 and "skipped: failed" in table
 
 
 def test_sweep_keeps_to_the_time_budget(monkeypatch, capsys):
