@@ -54,7 +54,8 @@ limit=$((${HARD_STOP:-480} - 15 - (SECONDS - start)))
 echo "genimg ${args[*]} (hard stop after ${limit} s)"
 timeout "$limit" "$PYTHON" -m genimg_jax.cli "${args[@]}" | tee "$out/gpu_bench.txt"
 rc=${PIPESTATUS[0]}
-if [[ $rc -ne 0 && -s $jsonl ]] && ! grep -q '^model ' "$out/gpu_bench.txt"; then
+if [[ $rc -ne 0 && -s $jsonl ]] &&
+   ! grep -q '^model ' "$out/gpu_bench.txt"; then
   # Stopped (timeout: rc 124) before its own table: print what was measured.
   echo "sweep exited with $rc; the table of what it measured:" | tee -a "$out/gpu_bench.txt"
   timeout 12 "$PYTHON" -c 'import sys; from genimg_jax import bench
