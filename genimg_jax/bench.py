@@ -476,8 +476,8 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
   (True only after an out-of-memory error at twice its batch, then
   "oom_batch"). Any other error ends that combination, not the sweep: its
   traceback goes to stderr and the last run gets "error" and "error_batch"
-  (or, with no run, the skipped record says it failed). Combinations not run
-  are {"model", "dtype", "batch", "skipped"} records.
+  (or, with no run, the skipped record says it failed and has "error").
+  Combinations not run are {"model", "dtype", "batch", "skipped"} records.
   Each record is appended to `output` (JSON lines) as soon as it exists, so
   a run killed from outside keeps what it measured.
   """
@@ -505,6 +505,13 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
         f.writelines(json.dumps(r) + "\n" for r in records)
 
   start = clock()
+
+  def overruns(expected, combo_start, share):
+    """Whether a run expected to take `expected` s, starting now, would end
+    past its combination's share of the budget or past the budget."""
+    return (clock() - combo_start + expected > share or
+            clock() - start + expected > time_budget_s)
+
   for index, (model, dtype) in enumerate(combos):
     left = time_budget_s - (clock() - start)
     if left <= 0:
@@ -533,8 +540,8 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
         if last is None or batch == 2 * last["batch"]:
           stop = "oom"
           break
-        if (clock() - combo_start + (clock() - run_start) > share or
-            clock() - start > time_budget_s):
+        # Expected to take as long as the run that failed.
+        if overruns(clock() - run_start, combo_start, share):
           stop = "time"
           break
         # A jump went past what fits: try halfway back (in powers of two).
@@ -558,8 +565,7 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
         break  # stop stays "max_batch"
       expected = elapsed + ((warmup + steps) * record["step_ms_median"] / 1e3
                             * next_batch / batch)
-      if (clock() - combo_start + expected > share or
-          clock() - start + expected > time_budget_s):
+      if overruns(expected, combo_start, share):
         stop = "time"
         break
       batch = next_batch
@@ -567,7 +573,7 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
       why = (f"failed at batch {start_batch}: {error}" if stop == "error"
              else f"out of memory at batch {start_batch}")
       emit({"model": model, "dtype": dtype, "batch": start_batch,
-            "skipped": why})
+            "skipped": why, **({"error": error} if stop == "error" else {})})
       continue
     last["stop"] = stop
     last["largest_fitting"] = stop == "oom"

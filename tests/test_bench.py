@@ -233,6 +233,7 @@ def test_sweep_records_other_errors_and_goes_on(monkeypatch, capsys):
       ("cnn", "float32", 16), ("cnn", "float32", 32), ("cnn", "bfloat16", 8)]
   assert records[0]["skipped"] == records[1]["skipped"] == (
       "failed at batch 8: JaxRuntimeError: INTERNAL: something else")
+  assert records[0]["error"] == "JaxRuntimeError: INTERNAL: something else"
   assert records[4]["stop"] == "max_batch" and "error" not in records[4]
   assert records[5]["stop"] == "error" and records[5]["error_batch"] == 16
   assert not records[5]["largest_fitting"]
