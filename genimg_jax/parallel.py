@@ -109,13 +109,16 @@ def to_host(x: jax.Array) -> np.ndarray:
 def map_batches(fn, arrays, mesh: Mesh, batch_size: int = 512):
   """Runs `fn(*sharded_chunks) -> pytree of [b, ...] arrays` over host arrays
   of equal length N in chunks of `batch_size` (rounded down to a multiple of
-  the device count; the last chunk padded with copies of its last row).
+  the device count, and no larger than N rounded up to one, so that a few
+  images do not cost a whole batch; the last chunk padded with copies of its
+  last row, so that every chunk has one shape and compiles once).
 
   Returns the outputs as numpy arrays of length N, on every host.
   """
-  batch_size = max(batch_size - batch_size % mesh.devices.size,
-                   mesh.devices.size)
+  devices = mesh.devices.size
   n = len(arrays[0])
+  batch_size = max(min(batch_size - batch_size % devices, -(-n // devices) *
+                       devices), devices)
   outputs = []
   for start in range(0, n, batch_size):
     chunks = [np.asarray(a[start:start + batch_size]) for a in arrays]

@@ -260,3 +260,27 @@ def test_cycling_labels():
   assert labels.dtype == np.int32
   np.testing.assert_array_equal(labels, [0, 1, 2, 0, 1, 2, 0])
   np.testing.assert_array_equal(data.cycling_labels(4, 0), [0, 0, 0, 0])
+
+
+def test_map_batches_pads_a_few_rows_to_the_devices_not_to_a_batch():
+  """A few images cost a few, not a whole `batch_size` (e.g. `genimg sample
+  --num 12`: 16 rows on 8 devices, not 512); more rows than a batch run in
+  full batches of one shape, the last padded; every output row is fn(row)."""
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 8
+  shapes = []
+
+  def fn(x):
+    shapes.append(x.shape)
+    return {"double": 2 * x, "sum": x.sum(axis=1)}
+
+  for n, batch_size, expected in ((12, 512, [(16, 3)]), (1, 512, [(8, 3)]),
+                                  (20, 16, [(16, 3), (16, 3)]),
+                                  (512, 512, [(512, 3)]),
+                                  (600, 512, [(512, 3), (512, 3)])):
+    shapes.clear()
+    x = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    out = parallel.map_batches(fn, (x,), mesh, batch_size)
+    assert shapes == expected, n
+    np.testing.assert_array_equal(out["double"], 2 * x)
+    np.testing.assert_array_equal(out["sum"], x.sum(axis=1))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from genimg_jax import checkpoint, config as config_lib, train
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, xla_flags
 
 GENIMG = os.path.join(os.path.dirname(sys.executable), "genimg")
 
@@ -27,7 +27,7 @@ def _command(workdir, idx_dir, experiment="cnn.py", steps=12):
 
 def _env():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = xla_flags(2)
   return env
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from genimg_jax import data
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 GENIMG = os.path.join(os.path.dirname(sys.executable), "genimg")
 
@@ -69,7 +69,7 @@ def run_one_process(command, timeout=300):
   out = subprocess.run(
       command, capture_output=True, text=True, timeout=timeout,
       env={**_base_env(),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+           "XLA_FLAGS": xla_flags(4)})
   assert out.returncode == 0, out.stderr[-3000:]
   return out
 
@@ -83,7 +83,7 @@ def start_two_processes(command, compilation_cache_dir=None):
   return [subprocess.Popen(
       command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env={**_base_env(), **cache,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "XLA_FLAGS": xla_flags(2),
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
            "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
           for i in range(2)]
