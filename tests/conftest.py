@@ -86,7 +86,9 @@ def pytest_xdist_auto_num_workers(config):
   1-3 GB); the two-process tests start two more processes each.
   """
   del config
-  return max(1, min(len(os.sched_getaffinity(0)), 4))
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)  # macOS has no sched_getaffinity.
+  return max(1, min(cores, 4))
 
 
 def pytest_collection_modifyitems(items):
