@@ -12,7 +12,9 @@ and at flush and close.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 
 import jax
@@ -61,6 +63,34 @@ class _ObjectRecordWriterFactory:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _torch_hidden():
+  """Hides PyTorch from imports inside the block, unless already imported.
+
+  tensorboardX imports torch when it is installed (2-3 s of start-up), only
+  to recognise torch tensors, which genimg never logs. A `None` entry in
+  `sys.modules` makes `import torch` raise ImportError; it is removed after,
+  so the process can still import torch itself.
+  """
+  if "torch" in sys.modules:
+    yield
+    return
+  sys.modules["torch"] = None
+  try:
+    yield
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+
+
+def _import_tensorboardx():
+  """tensorboardX's SummaryWriter, record_writer and hparams."""
+  with _torch_hidden():
+    from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
+    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+  return SummaryWriter, record_writer, hparams
+
+
 class MetricWriter:
   """Writes scalars to `workdir` as TensorBoard events and metrics.jsonl."""
 
@@ -68,7 +98,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
+    SummaryWriter, record_writer, _ = _import_tensorboardx()
     jsonl = checkpoint.workdir_path(workdir, "metrics.jsonl")
     if checkpoint.is_url(workdir):
       record_writer.register_writer_factory(workdir.split("://")[0],
@@ -100,7 +130,7 @@ class MetricWriter:
     sequences become strings."""
     if not self.enabled:
       return
-    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+    _, _, hparams = _import_tensorboardx()
     flat = {}
     def visit(node, prefix):
       for key, value in node.items():

@@ -1,8 +1,11 @@
 """What a run logs: learning rates, TensorBoard images and hyperparameters,
 parameter counts, and the persistent compilation cache across restarts."""
 
+import importlib.util
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -80,6 +83,28 @@ def test_tensorboard_gets_learning_rate_hparams_and_sample_grids(tmp_path,
                                            "step_000004.png")))
   assert (images["samples/step"].height, images["samples/step"].width) == (
       png.shape[:2])
+
+
+def test_the_writer_does_not_import_torch(tmp_path):
+  """tensorboardX would import PyTorch (seconds of start-up) where it is
+  installed; the writer hides it, and torch still imports afterwards."""
+  if importlib.util.find_spec("torch") is None:
+    pytest.skip("torch is not installed: nothing to hide")
+  code = ("import sys\n"
+          "from genimg_jax import metrics_writer\n"
+          "writer = metrics_writer.MetricWriter(sys.argv[1])\n"
+          "writer.write(1, {'loss': 0.5})\n"
+          "writer.close()\n"
+          "print('torch' in sys.modules)\n"
+          "import torch\n"
+          "print(torch.zeros(2).shape[0])\n")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["False", "2"]
+  assert [e.summary.value[0].simple_value for e in read_events(str(tmp_path))
+          if e.summary.value] == [0.5]
 
 
 def test_parameter_counts_cover_every_trained_parameter(idx_dir):
