@@ -70,17 +70,30 @@ PEAK_FLOPS = (
 )
 
 
-def measured_cpu_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5):
-  """FLOP/s of an n x n matmul on the first device, best of `repeats`."""
-  a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
+def measured_cpu_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5,
+                      mesh=None):
+  """FLOP/s of n x n matmuls, one on each device of `mesh` at once (default:
+  the first device alone), best of `repeats`.
+
+  On CPU this is the host's rate, not one device's times the device count:
+  XLA:CPU runs a single device's matmul on every core (on 2 cores: 115-120
+  GFLOP/s for device 0 alone, 105-113 for both devices at once;
+  docs/performance.md).
+  """
+  if mesh is None:
+    mesh = parallel.make_mesh(1)
+  sharding = parallel.data_sharding(mesh)
+  a = jax.jit(lambda: jnp.ones((mesh.devices.size, n, n), dtype),
+              out_shardings=sharding)()
+  matmul = jax.jit(lambda x: jnp.einsum("dij,djk->dik", x, x),
+                   out_shardings=sharding)
   matmul(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
+  return 2 * mesh.devices.size * n**3 / best
 
 
 def float32_matmul(device) -> str:
@@ -107,22 +120,28 @@ def float32_matmul(device) -> str:
   return "tf32"
 
 
-def peak_flops(device, dtype: str,
-               matmul: str = "float32") -> tuple[float, str, str]:
-  """(peak FLOP/s of one device, where the number comes from, its kind).
+def peak_flops(device, dtype: str, matmul: str = "float32",
+               mesh=None) -> tuple[float, str, str]:
+  """(peak FLOP/s of `mesh`, where the number comes from, its kind).
 
-  matmul: `float32_matmul(device)`; with "tf32" a float32 step is held to
-  the TensorFloat-32 peak. kind: "bf16", "tf32" or "fp32".
+  mesh: the devices a step runs on (default: `device` alone). A published
+  per-device peak counts once per device; without one (CPUs) the peak is
+  `measured_cpu_peak` on all the mesh's devices at once, which on CPU is the
+  host's rate however many devices share its cores. matmul:
+  `float32_matmul(device)`; with "tf32" a float32 step is held to the
+  TensorFloat-32 peak. kind: "bf16", "tf32" or "fp32".
   """
+  devices = 1 if mesh is None else int(mesh.devices.size)
   for name, f32, tf32, bf16 in PEAK_FLOPS:
     if name.lower() in device.device_kind.lower():
       if dtype == "bfloat16":
-        return bf16, "published", "bf16"
+        return bf16 * devices, "published", "bf16"
       if matmul == "tf32" and tf32:
-        return tf32, "published", "tf32"
-      return f32, "published", "fp32"
+        return tf32 * devices, "published", "tf32"
+      return f32 * devices, "published", "fp32"
   kind = "bf16" if dtype == "bfloat16" else "fp32"
-  return measured_cpu_peak(jnp.dtype(dtype)), "measured matmul", kind
+  return (measured_cpu_peak(jnp.dtype(dtype), mesh=mesh), "measured matmul",
+          kind)
 
 
 def load_model_config(model: str, batch: int, dtype: str, devices: int,
@@ -295,7 +314,7 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   device = mesh.devices.flat[0]
   memory = memory_fields(compiled, state, device)
   matmul = float32_matmul(device)
-  peak, peak_source, peak_kind = peak_flops(device, dtype, matmul)
+  peak, peak_source, peak_kind = peak_flops(device, dtype, matmul, mesh)
   median = statistics.median(times)
   record = {
       "model": model, "batch": batch, "devices": int(mesh.devices.size),
@@ -306,9 +325,9 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
       "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
       "images_per_s": batch / median, "flops_per_step": flops,
       "flops_per_s": flops / median,
-      "peak_flops_per_s": peak * mesh.devices.size,
+      "peak_flops_per_s": peak,
       "peak_source": peak_source, "peak_kind": peak_kind,
-      "fraction_of_peak": flops / median / (peak * mesh.devices.size),
+      "fraction_of_peak": flops / median / peak,
       **memory,
   }
   if trace_dir:

@@ -364,6 +364,34 @@ def test_float32_matmul_and_its_peak_on_gpus(monkeypatch):
       989e12, "published", "bf16")
   # No TF32 on a V100: its float32 peak even if asked for tf32.
   assert bench.peak_flops(v100, "float32", "tf32")[2] == "fp32"
+  # A published peak counts once per device of the mesh.
+  mesh8 = parallel.make_mesh(8)
+  assert bench.peak_flops(h100, "float32", "float32", mesh8) == (
+      8 * 67e12, "published", "fp32")
+
+
+def test_a_cpu_peak_is_measured_on_the_whole_mesh_at_once(monkeypatch):
+  """XLA:CPU runs one device's matmul on every core, so the host's peak is
+  measured with all devices busy, not one device's times the count."""
+  mesh8 = parallel.make_mesh(8)
+  rate = bench.measured_cpu_peak(n=64, repeats=1, mesh=mesh8)
+  assert 0 < rate < float("inf")
+  calls = []
+  def fake_peak(dtype, mesh=None):
+    calls.append((jnp.dtype(dtype), mesh))
+    return 1e11
+  monkeypatch.setattr(bench, "measured_cpu_peak", fake_peak)
+  cpu = jax.devices()[0]
+  assert bench.peak_flops(cpu, "float32", "float32", mesh8) == (
+      1e11, "measured matmul", "fp32")
+  assert bench.peak_flops(cpu, "bfloat16", "float32", mesh8)[0] == 1e11
+  assert calls == [(jnp.dtype("float32"), mesh8), (jnp.dtype("bfloat16"),
+                                                    mesh8)]
+  # The record's fraction is of that one number.
+  record = bench.bench_one("cnn", 16, steps=1, warmup=1, devices=8)
+  assert record["peak_flops_per_s"] == 1e11
+  assert record["fraction_of_peak"] == pytest.approx(
+      record["flops_per_s"] / 1e11)
 
 
 def test_bench_cli_sweep(tmp_path, monkeypatch, capsys):
