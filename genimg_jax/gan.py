@@ -419,8 +419,7 @@ def make_ema_batch_stats(config, mesh, num_batches: int = 8,
   num_classes = max(config.data.num_classes, 1)  # 0: unlabelled data.
   spread = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
-  batch_size = max(batch_size - batch_size % mesh.devices.size,
-                   mesh.devices.size)
+  batch_size = parallel.fit_to_devices(batch_size, mesh)
 
   def ema_batch_stats(state: GANState, rng):
     z_rng, label_rng = jax.random.split(rng)

@@ -84,6 +84,13 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> None:
         f"{max(n, global_batch // n * n)}.")
 
 
+def fit_to_devices(rows: int, mesh: Mesh) -> int:
+  """`rows` rounded down to a multiple of the mesh's device count, at least
+  one row per device: a batch size that shards evenly."""
+  devices = mesh.devices.size
+  return max(rows - rows % devices, devices)
+
+
 def replicate(tree, mesh: Mesh):
   """Places a pytree of host values (the same on every process) on every
   device of `mesh`; works for PRNG keys and across hosts."""
@@ -117,8 +124,8 @@ def map_batches(fn, arrays, mesh: Mesh, batch_size: int = 512):
   """
   devices = mesh.devices.size
   n = len(arrays[0])
-  batch_size = max(min(batch_size - batch_size % devices, -(-n // devices) *
-                       devices), devices)
+  batch_size = min(fit_to_devices(batch_size, mesh),
+                   -(-n // devices) * devices)
   outputs = []
   for start in range(0, n, batch_size):
     chunks = [np.asarray(a[start:start + batch_size]) for a in arrays]
