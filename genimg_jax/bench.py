@@ -33,9 +33,9 @@ import numpy as np
 from genimg_jax import config as config_lib, data, parallel, train
 
 # Model name -> the experiment config whose train step is timed.
-MODELS = {"cnn": "cnn.py", "resnet": "resnet.py",
-          "dcgan": "dcgan.py", "vae": "vae_conv.py",
-          "vae_mlp": "vae_mlp.py", "ddpm": "ddpm.py", "flow": "flow.py"}
+MODELS = {"cnn": "cnn", "resnet": "resnet", "dcgan": "dcgan",
+          "vae": "vae_conv", "vae_mlp": "vae_mlp", "ddpm": "ddpm",
+          "flow": "flow"}
 
 
 def split_models(text: str) -> list[str]:

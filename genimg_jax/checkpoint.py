@@ -52,11 +52,14 @@ class Checkpointer:
 
   best=True: the manager of WORKDIR/checkpoints_best instead, which keeps the
   one checkpoint with the lowest `BEST_METRIC` (orbax's best_fn) among those
-  saved with metrics.
+  saved with metrics. Each is saved with `protocol`, the evaluation settings
+  its metric was measured with (`config.evaluation_protocol`); opened with
+  another protocol, the old best is dropped, since its FID is not comparable
+  (a different feature network, reference set, sample count or sampler).
   """
 
   def __init__(self, workdir: str, fingerprint: dict, keep: int = 3,
-               best: bool = False):
+               best: bool = False, protocol: dict | None = None):
     self.directory = workdir_path(
         workdir, "checkpoints_best" if best else "checkpoints")
     self.fingerprint = fingerprint
@@ -68,6 +71,29 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
+    self.protocol = protocol
+    if best and protocol is not None:
+      self._drop_other_protocols()
+
+  def _drop_other_protocols(self):
+    """Deletes best checkpoints measured under another protocol (one saved
+    without a protocol, by an older version, is kept)."""
+    for step in self.manager.all_steps():
+      meta = self.manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      saved = meta.get("protocol")
+      if saved is None or saved == self.protocol:
+        continue
+      changed = ", ".join(
+          f"{k}: {saved.get(k)!r} -> {self.protocol.get(k)!r}"
+          for k in sorted(saved.keys() | self.protocol.keys())
+          if saved.get(k) != self.protocol.get(k))
+      if jax.process_index() == 0:
+        print(f"The evaluation protocol changed ({changed}): the best "
+              f"checkpoint of step {step} ({BEST_METRIC} "
+              f"{meta.get('metrics', {}).get(BEST_METRIC)}) is not comparable "
+              "and is dropped; the best starts anew.", flush=True)
+      self.manager.delete(step)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -111,6 +137,8 @@ class Checkpointer:
     """Saves `state` as `step` (asynchronously), with its eval `metrics` (the
     best manager ranks by them)."""
     meta = {"fingerprint": self.fingerprint, "step": step}
+    if self.protocol is not None:
+      meta["protocol"] = self.protocol
     if metrics:
       metrics = {k: float(v) for k, v in metrics.items()}
       meta["metrics"] = metrics
@@ -133,7 +161,9 @@ class WorkdirLock:
   lock. URL workdirs (a bucket has no flock): a lock object workdir/.lock
   holding the writer's host, pid, start time and a random token, deleted at
   exit. A run finding it held refuses to start unless the holder is a dead
-  process of the same host (a run killed by SIGKILL); a holder on another
+  process of the same host (a run killed by SIGKILL) or has this process's
+  own host and pid without this process holding it (a restarted container
+  whose trainer is PID 1 again); a holder on another
   host cannot be checked, so the error says to delete the object once that
   run is known to be gone (e.g. a preempted VM's). Two runs starting within
   the same second can both pass (the object is written, then read back to
@@ -180,7 +210,7 @@ class WorkdirLock:
         holder = json.loads(lock.read_text())
       except ValueError:
         holder = {}
-      if not _is_dead_local_process(holder):
+      if not _is_stale(holder):
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC",
                               time.gmtime(holder.get("time", 0)))
         raise CheckpointError(
@@ -199,6 +229,7 @@ class WorkdirLock:
       raise CheckpointError(
           f"Another run took the lock object {self.path} at the same time; "
           "start only one run per --workdir.")
+    _HELD_TOKENS.add(self._token)
 
   def __exit__(self, *exc):
     if self._file is not None:
@@ -212,7 +243,23 @@ class WorkdirLock:
           lock.unlink()
       except (OSError, ValueError):
         pass  # Gone or replaced: not ours to delete.
+      _HELD_TOKENS.discard(self._token)
       self._token = None
+
+
+# The tokens of the lock objects this process holds now.
+_HELD_TOKENS: set[str] = set()
+
+
+def _is_stale(holder: dict) -> bool:
+  """Whether a lock object's holder {host, pid, token} is gone: a dead
+  process of this host, or this very process (same host and pid) without the
+  lock in hand, as after a SIGKILL or `os._exit` in a container whose trainer
+  is PID 1 with a stable hostname, where the pid is reused by the restart."""
+  if (holder.get("host") == socket.gethostname()
+      and holder.get("pid") == os.getpid()):
+    return holder.get("token") not in _HELD_TOKENS
+  return _is_dead_local_process(holder)
 
 
 def _is_dead_local_process(holder: dict) -> bool:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import json
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import ml_collections
 
@@ -38,23 +40,30 @@ def packaged_experiments_dir() -> str:
 
 
 def resolve_config_path(path: str) -> str:
-  """`path` if it is a file, else the installed config of that name
-  ("ddpm", "ddpm.py" or "experiments/ddpm.py"), else ConfigError."""
+  """`path` if it is a file; for a bare name (no directory, no ".py": "ddpm")
+  the installed config of that name; else ConfigError. A path, or a name ending in .py, must exist: a typo in
+  /my/configs/dcgan.py must not train the packaged dcgan."""
   if os.path.isfile(path):
     return path
-  name = os.path.basename(path)
-  name = name if name.endswith(".py") else name + ".py"
-  packaged = os.path.join(packaged_experiments_dir(), name)
-  if os.path.isfile(packaged):
-    return packaged
   configs = sorted(f[:-3] for f in os.listdir(packaged_experiments_dir())
                    if f.endswith(".py") and f not in ("__init__.py",
                                                       "common.py"))
+  name = os.path.basename(path)
+  if os.path.isdir(path) or path.endswith(".py") or name != path:
+    packaged = name[:-3] if name.endswith(".py") else name
+    hint = (f" (the installed config of that name is --config {packaged})"
+            if packaged in configs else "")
+    raise ConfigError(
+        f"Config file {path!r} does not exist{hint}. Pass an existing "
+        f"config file, or the bare name of an installed config: one of "
+        f"{configs}.")
+  packaged = os.path.join(packaged_experiments_dir(), name + ".py")
+  if os.path.isfile(packaged):
+    return packaged
   raise ConfigError(
-      f"Config file {path!r} does not exist, and no installed config is named "
-      f"{name!r}. Pass a config file, or the name of one of {configs}: for "
-      "example --config cnn (or experiments/cnn.py:mnist for another data "
-      "set).")
+      f"No installed config is named {name!r} and no file {path!r} exists. "
+      f"Pass a config file, or the name of one of {configs}: for example "
+      "--config cnn (or cnn:mnist for another data set).")
 
 
 def _make_experiments_importable(config_dir: str) -> None:
@@ -136,15 +145,333 @@ def _parse_value(text: str, old_value):
   return value
 
 
+# --- What every config field may hold -------------------------------------
+#
+# One table for every family and command: the type and range (or choices) of
+# each field, checked by `validate` when a config is loaded and after its
+# overrides, before anything compiles or is written. A value with a special
+# meaning says so in the rule's note ("0: ...").
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What a config field may hold: `kind` (int, float, bool, str or tuple),
+  optionally a `low` and a `high` bound (inclusive or not), `choices`,
+  a `check(value) -> problem or None` for anything else, and a `note` on
+  values with a special meaning."""
+  kind: type
+  low: float | None = None
+  high: float | None = None
+  low_inclusive: bool = True
+  high_inclusive: bool = True
+  choices: tuple = ()
+  check: Callable[[Any], str | None] | None = None
+  note: str = ""
+
+  def allowed(self) -> str:
+    """What the rule allows, in words."""
+    if self.choices:
+      text = "one of " + ", ".join(repr(c) for c in self.choices)
+    elif self.kind is bool:
+      text = "true or false"
+    elif self.kind in (int, float):
+      name = "an integer" if self.kind is int else "a number"
+      if self.low is not None and self.high is not None:
+        open_ = "[" if self.low_inclusive else "("
+        close = "]" if self.high_inclusive else ")"
+        text = f"{name} in {open_}{self.low:g}, {self.high:g}{close}"
+      elif self.low is not None:
+        text = f"{name} {'>=' if self.low_inclusive else '>'} {self.low:g}"
+      else:
+        text = name
+    elif self.kind is tuple:
+      text = "a tuple"
+    else:
+      text = "text"
+    return text + (f" ({self.note})" if self.note else "")
+
+  def problem(self, value) -> str | None:
+    """None if `value` is allowed, else what is wrong with it."""
+    kinds = (int, float) if self.kind is float else (self.kind,)
+    if self.kind is tuple:
+      kinds = (tuple, list)
+    if isinstance(value, bool) and self.kind is not bool or not isinstance(
+        value, kinds):
+      return f"expected {self.allowed()}"
+    if self.choices and value not in self.choices:
+      return f"expected {self.allowed()}"
+    if self.low is not None and (
+        value < self.low or not self.low_inclusive and value == self.low) or (
+            self.high is not None and (value > self.high or (
+                not self.high_inclusive and value == self.high))):
+      return f"expected {self.allowed()}"
+    if self.check is not None:
+      return self.check(value)
+    return None
+
+
+def _integer(low: float | None = 0, note: str = "") -> Rule:
+  return Rule(int, low=low, note=note)
+
+
+def _number(low: float | None = 0.0, high: float | None = None,
+            low_inclusive: bool = True, high_inclusive: bool = True,
+            note: str = "") -> Rule:
+  return Rule(float, low=low, high=high, low_inclusive=low_inclusive,
+              high_inclusive=high_inclusive, note=note)
+
+
+def _choice(*choices: str) -> Rule:
+  return Rule(str, choices=choices)
+
+
+def _ints_tuple(low: int, length: int | None = None,
+                empty_ok: bool = True) -> Callable[[Any], str | None]:
+  def check(value):
+    if (not all(isinstance(v, int) and not isinstance(v, bool) and v >= low
+                for v in value) or (length is not None and len(value) != length)
+        or (not empty_ok and not value)):
+      size = f"{length} " if length else ("" if empty_ok else "one or more ")
+      return f"expected a tuple of {size}integers >= {low}"
+    return None
+  return check
+
+
+def _image_shape(value) -> str | None:
+  if _ints_tuple(1, 3)(value) or value[2] not in (1, 3):
+    return "expected (height, width, channels) with channels 1 or 3"
+  return None
+
+
+def _ynn_fusion_types(value) -> str | None:
+  from genimg_jax import parallel  # pylint: disable=g-import-not-at-top
+  unknown = sorted({t.strip() for t in value.split(",") if t.strip()}
+                   - set(parallel.YNN_FUSION_TYPES))
+  if unknown:
+    return (f"unknown YNNPACK fusion types {unknown}: a comma-separated "
+            f"subset of {list(parallel.YNN_FUSION_TYPES)}, or ''")
+  return None
+
+
+_BOOL = Rule(bool)
+_RATE = _number(0.0, 1.0, high_inclusive=False)  # A probability or decay.
+_NONEMPTY = Rule(str, check=lambda v: None if v.strip() else
+                 "expected a non-empty name")
+
+# Every optimizer field, as `optimizer.X` (one optimizer) and
+# `optimizer.NAME.X` (a GAN's generator and discriminator).
+_OPTIMIZER_RULES = {
+    "name": _choice("adam", "sgd"),
+    "learning_rate": _number(0.0, low_inclusive=False),
+    "schedule": _choice("constant", "cosine"),
+    "warmup_steps": _integer(0, note="0: no warm-up"),
+    "b1": _RATE, "b2": _RATE, "momentum": _RATE,
+    "weight_decay": _number(0.0),
+    "grad_clip": _number(0.0, note="0: no clipping"),
+}
+
+FIELD_RULES: dict[str, Rule] = {
+    "family": _choice("classifier", "gan", "vae", "diffusion"),
+    "seed": _integer(0),
+    "batch_size": _integer(1, note="the global batch, over all devices"),
+    "num_steps": _integer(0, note="0: num_epochs passes instead"),
+    "num_epochs": _integer(0, note="used when num_steps is 0"),
+    "eval_every": _integer(0, note="0: only at the end"),
+    "eval_samples": _integer(0, note="0: no FID or sample scores"),
+    "eval_batch_size": _integer(1),
+    "eval_reference_split": _choice("train", "test", "eval"),
+    "log_every": _integer(1),
+    "checkpoint_every": _integer(1),
+    "keep_checkpoints": _integer(1),
+    "feature_network": Rule(str, note="'': none; a shipped name, a file or "
+                            "inception:FILE"),
+    "fid_stats": Rule(str, note="'': from the reference split"),
+    "compilation_cache_dir": Rule(str, note="'': default; 'off'; a "
+                                  "directory"),
+    "xla_cpu_ynn_fusions": _BOOL,
+    "xla_cpu_ynn_fusions_kept": Rule(str, check=_ynn_fusion_types),
+    "augment": _BOOL,
+    "augment_flip": _BOOL,
+    "mesh.num_devices": _integer(0, note="0: all devices"),
+    "data.name": _NONEMPTY,
+    "data.idx_dir": Rule(str, note="'': read data.name through TFDS"),
+    "data.tfds_data_dir": Rule(str, note="'': TFDS's default"),
+    "data.download": _BOOL,
+    "data.in_memory": _BOOL,
+    "data.eval_split": _NONEMPTY,
+    "data.image_shape": Rule(tuple, check=_image_shape),
+    "data.num_classes": _integer(0, note="0: unlabelled"),
+    "data.center_crop": _integer(0, note="0: no crop"),
+    "data.num_workers": _integer(0, note="0: min(8, CPUs)"),
+    "data.random_flip": _BOOL,
+    "model.name": _choice("cnn", "resnet"),
+    "model.dtype": _choice("float32", "bfloat16"),
+    "model.dropout_rate": _RATE,
+    "model.spectral_norm": _BOOL,
+    "model.width": _integer(0, note="the ResNet's base width"),
+    "model.blocks_per_stage": Rule(tuple, check=_ints_tuple(0,
+                                                            empty_ok=False)),
+    "model.channels": _integer(1),
+    "model.multipliers": Rule(tuple, check=_ints_tuple(1, empty_ok=False)),
+    "model.attention_resolutions": Rule(tuple, check=_ints_tuple(1)),
+    "model.num_res_blocks": _integer(1),
+    "gan.loss": _choice("non_saturating", "hinge", "least_squares",
+                        "wgan_gp"),
+    "gan.n_critic": _integer(1),
+    "gan.gp_weight": _number(0.0),
+    "gan.ema_decay": _RATE,
+    "gan.ema_warmup": _BOOL,
+    "gan.z_dim": _integer(1),
+    "gan.conditional": _BOOL,
+    "gan.skip_nonfinite": _BOOL,
+    "vae.architecture": _choice("mlp", "conv"),
+    "vae.beta": _number(0.0),
+    "vae.conditional": _BOOL,
+    "vae.hidden": _integer(1),
+    "vae.iw_samples": _integer(0, note="0: no importance-weighted bound"),
+    "vae.latent_dim": _integer(1),
+    "vae.likelihood": _choice("bernoulli", "logistic"),
+    "diffusion.objective": _choice("eps", "v", "flow"),
+    "diffusion.schedule": _choice("linear", "cosine"),
+    "diffusion.num_timesteps": _integer(2),
+    "diffusion.conditional": _BOOL,
+    "diffusion.label_dropout": _RATE,
+    "diffusion.ema_decay": _RATE,
+    "diffusion.ema_warmup": _BOOL,
+    "diffusion.sampler": _choice("ddpm", "ddim", "euler", "heun"),
+    "diffusion.sample_steps": _integer(1),
+    "diffusion.eta": _number(0.0),
+    "diffusion.guidance_scale": _number(0.0, note="s = 1 + w; 1: none"),
+    "diffusion.clip_denoised": _BOOL,
+    "diffusion.ddpm_variance": _choice("fixedsmall", "fixedlarge"),
+    "diffusion.ddim_spacing": _choice("trailing", "leading", "uniform",
+                                      "quadratic"),
+    **{f"optimizer.{k}": v for k, v in _OPTIMIZER_RULES.items()},
+    **{f"optimizer.*.{k}": v for k, v in _OPTIMIZER_RULES.items()},
+}
+
+
+def rule_for(key: str) -> Rule | None:
+  """The rule of dotted `key` (`optimizer.NAME.X` reads `optimizer.*.X`)."""
+  if key in FIELD_RULES:
+    return FIELD_RULES[key]
+  parts = key.split(".")
+  if len(parts) == 3 and parts[0] == "optimizer":
+    return FIELD_RULES.get(f"optimizer.*.{parts[2]}")
+  return None
+
+
+def _cross_field_problems(flat: dict) -> list[str]:
+  """Combinations of valid values that cannot run."""
+  problems = []
+  get = flat.get
+  if get("num_steps") == 0 and get("num_epochs") == 0:
+    problems.append("num_steps=0 and num_epochs=0: nothing to train; set "
+                    "one of them > 0")
+  if get("model.name") == "resnet":
+    if get("model.width", 1) < 1:
+      problems.append(f"model.width={get('model.width')}: the ResNet needs "
+                      "a width >= 1")
+    if not all(n >= 1 for n in get("model.blocks_per_stage", (1,))):
+      problems.append(f"model.blocks_per_stage={get('model.blocks_per_stage')}"
+                      ": the ResNet needs >= 1 block in every stage")
+  if get("family") == "diffusion" and "diffusion.sampler" in flat:
+    flow = get("diffusion.objective") == "flow"
+    allowed = ("euler", "heun") if flow else ("ddpm", "ddim")
+    if get("diffusion.sampler") not in allowed:
+      problems.append(
+          f"diffusion.sampler={get('diffusion.sampler')!r}: the "
+          f"{get('diffusion.objective')!r} objective samples with one of "
+          f"{', '.join(map(repr, allowed))}")
+  return problems
+
+
+def _ineffective(key: str, flat: dict) -> str | None:
+  """Why an overridden `key` would have no effect in `flat`, or None."""
+  get = flat.get
+  leaf = key.rsplit(".", 1)[-1]
+  if key.startswith("optimizer."):
+    name = get(key[:-len(leaf)] + "name")
+    if leaf == "momentum" and name == "adam":
+      return "adam has no momentum (b1 is its first-moment decay)"
+    if leaf in ("b1", "b2") and name == "sgd":
+      return f"sgd has no {leaf} (momentum is its decay)"
+  if key == "gan.gp_weight" and get("gan.loss") != "wgan_gp":
+    return f"only gan.loss='wgan_gp' has a gradient penalty"
+  if key in ("eval_samples", "fid_stats", "eval_reference_split") and not (
+      get("feature_network")) and get(key):
+    return "no feature network: set feature_network too"
+  if key.startswith("diffusion."):
+    sampler = get("diffusion.sampler")
+    if key == "diffusion.eta" and sampler != "ddim":
+      return f"only the ddim sampler has eta (sampler={sampler!r})"
+    if key == "diffusion.sample_steps" and sampler == "ddpm":
+      return "the ddpm sampler always takes num_timesteps steps"
+    if key == "diffusion.ddpm_variance" and sampler != "ddpm":
+      return f"only the ddpm sampler uses it (sampler={sampler!r})"
+    if key == "diffusion.ddim_spacing" and sampler != "ddim":
+      return f"only the ddim sampler uses it (sampler={sampler!r})"
+    if key in ("diffusion.guidance_scale", "diffusion.label_dropout") and (
+        not get("diffusion.conditional")):
+      return "the model is not class-conditional (diffusion.conditional)"
+    if key in ("diffusion.schedule", "diffusion.num_timesteps",
+               "diffusion.clip_denoised") and get(
+                   "diffusion.objective") == "flow":
+      return "flow matching has no discrete noise schedule"
+  if key in ("model.width", "model.blocks_per_stage") and get(
+      "model.name") == "cnn":
+    return "only model.name='resnet' has them"
+  if key == "augment_flip" and not get("augment"):
+    return "augment is off"
+  if key == "vae.hidden" and get("vae.architecture") == "conv":
+    return "only vae.architecture='mlp' has a hidden layer width"
+  return None
+
+
+def config_problems(config, overridden: Iterable[str] = ()) -> list[str]:
+  """Every problem of `config` as one line "FIELD=VALUE: what is allowed":
+  fields no rule knows, values outside their rule, combinations that cannot
+  run, and `overridden` keys that would have no effect."""
+  flat = _flat_values(config)
+  problems = []
+  for key, value in sorted(flat.items()):
+    rule = rule_for(key)
+    if rule is None:
+      problems.append(f"{key}={value!r}: not a field genimg reads (a typo? "
+                      "the fields are listed in genimg_jax/config.py "
+                      "FIELD_RULES)")
+    elif (problem := rule.problem(value)) is not None:
+      problems.append(f"{key}={value!r}: {problem}")
+  if not problems:
+    problems += _cross_field_problems(flat)
+  for key in overridden:
+    if key in flat and (why := _ineffective(key, flat)):
+      problems.append(f"{key}={flat[key]!r}: has no effect here: {why}")
+  return problems
+
+
+def validate(config, overridden: Iterable[str] = ()) -> None:
+  """Raises ConfigError listing every problem of `config` (see
+  `config_problems`), one line each."""
+  problems = config_problems(config, overridden)
+  if len(problems) == 1:
+    raise ConfigError(f"bad config value: {problems[0]}")
+  if problems:
+    raise ConfigError(f"{len(problems)} bad config values:\n  " +
+                      "\n  ".join(problems))
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Iterable[str]) -> ml_collections.ConfigDict:
   """Applies `a.b=value` strings to a copy of `config`.
 
-  Raises ConfigError naming the valid keys when a key does not exist, and the
-  expected type when a value does not parse as the field's type.
+  Raises ConfigError naming the valid keys when a key does not exist, the
+  expected type when a value does not parse as the field's type, and every
+  problem `validate` finds in the result.
   """
   config = copy.deepcopy(config)  # Nested fields too; keeps field types.
   valid = flat_keys(config)
+  overridden = []
   for override in overrides:
     if "=" not in override:
       raise ConfigError(f"Override {override!r} must look like key=value.")
@@ -161,7 +488,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
       node[leaf] = _parse_value(text, node[leaf])
     except (ValueError, TypeError) as e:
       raise ConfigError(f"Bad value for config key {key!r}: {e}") from None
+    overridden.append(key)
   config.lock()
+  validate(config, overridden)
   return config
 
 
@@ -171,15 +500,34 @@ def apply_overrides(config: ml_collections.ConfigDict,
 # seed) and must match the checkpoint's.
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "num_epochs", "eval_every", "eval_samples",
-    "eval_batch_size", "feature_network", "fid_stats", "log_every", "checkpoint_every",
+    "eval_batch_size", "feature_network", "fid_stats", "eval_reference_split",
+    "log_every", "checkpoint_every",
     "keep_checkpoints", "compilation_cache_dir", "xla_cpu_ynn_fusions",
     "xla_cpu_ynn_fusions_kept",
     "mesh.num_devices", "data.idx_dir",
-    "data.tfds_data_dir", "data.download", "data.in_memory",
+    "data.tfds_data_dir", "data.download", "data.in_memory", "data.num_workers",
     "data.eval_split", "vae.iw_samples", "gan.skip_nonfinite",
     "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
     "diffusion.guidance_scale", "diffusion.clip_denoised",
+    "diffusion.ddpm_variance", "diffusion.ddim_spacing",
 })
+
+
+# The fields that decide what an FID measures: FIDs computed under different
+# values of these are not comparable (the best checkpoint restarts when one
+# changes).
+EVALUATION_PROTOCOL_FIELDS = (
+    "feature_network", "fid_stats", "eval_samples", "eval_reference_split",
+    "data.eval_split", "diffusion.sampler", "diffusion.sample_steps",
+    "diffusion.eta", "diffusion.guidance_scale", "diffusion.clip_denoised",
+    "diffusion.ddpm_variance", "diffusion.ddim_spacing")
+
+
+def evaluation_protocol(config) -> dict:
+  """{field: value} of the `EVALUATION_PROTOCOL_FIELDS` that `config` has."""
+  flat = _flat_values(config)
+  return json.loads(json.dumps({k: flat[k] for k in
+                                EVALUATION_PROTOCOL_FIELDS if k in flat}))
 
 
 def _flat_values(config, prefix: str = "") -> dict:

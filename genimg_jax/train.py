@@ -147,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns (state, final eval metrics). `stop_at_step` stops early after
   saving a checkpoint, as a preempted run would (the metrics are then {}).
   """
+  config_lib.validate(config)  # Before anything is written or compiled.
   checkpoint.check_writable(workdir)
   with checkpoint.WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir, stop_at_step)
@@ -172,7 +173,9 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   # evaluation computes an FID.
   best_ckpt = None
   if config.get("feature_network") and config.get("eval_samples"):
-    best_ckpt = checkpoint.Checkpointer(workdir, ckpt.fingerprint, best=True)
+    best_ckpt = checkpoint.Checkpointer(
+        workdir, ckpt.fingerprint, best=True,
+        protocol=config_lib.evaluation_protocol(config))
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     epath.Path(checkpoint.workdir_path(workdir, "config.json")).write_text(
@@ -204,9 +207,31 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     writer.write(step, metrics)
     return metrics
 
+  def evaluate(done):
+    """Runs the evaluation of step `done` on every process and logs it."""
+    eval_metrics = evaluator(state, done)
+    writer.write(done, eval_metrics, prefix="eval")
+    writer.flush()
+    if best_ckpt is not None and checkpoint.BEST_METRIC in eval_metrics:
+      best_ckpt.save(done, state, eval_metrics)
+    writer.write_images(done, images_lib.read_grids(
+        checkpoint.workdir_path(workdir, "samples"), done))
+    progress.write(f"step {done}: eval " + ", ".join(
+        f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+    return eval_metrics
+
+  def evaluation_due(done):
+    return bool(config.eval_every and done % config.eval_every == 0
+                or done == num_steps)
+
   try:
     with preemption_lib.Preemption(ckpt.manager.reached_preemption) as (
         preemption):
+      if start_step and evaluation_due(start_step) and evaluation_missing(
+          workdir, start_step):
+        progress.write(f"Step {start_step} was checkpointed but not evaluated "
+                       "(the run stopped first): evaluating it now.")
+        eval_metrics = evaluate(start_step)
       batches = data.train_batches(train_source, config.batch_size,
                                    config.seed, start_step, num_steps, mesh)
       for step, batch in batches:
@@ -238,21 +263,13 @@ def _train_and_evaluate(config, workdir, stop_at_step):
           flush_pending()  # Never checkpoint a state whose loss is NaN.
           pending = None
           ckpt.save(done, state)
-        if config.eval_every and done % config.eval_every == 0 or (
-            done == num_steps):
-          eval_metrics = evaluator(state, done)
-          writer.write(done, eval_metrics, prefix="eval")
-          if best_ckpt is not None and checkpoint.BEST_METRIC in eval_metrics:
-            best_ckpt.save(done, state, eval_metrics)
-          writer.write_images(done, images_lib.read_grids(
-              checkpoint.workdir_path(workdir, "samples"), done))
-          progress.write(f"step {done}: eval " + ", ".join(
-              f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-        if stopping:
+        if stopping:  # The resumed run evaluates this step, if due.
           progress.write(f"Stopping at step {done}: checkpoint saved; run the "
                          "same command again to resume.")
           eval_metrics = {}
           break
+        if evaluation_due(done):
+          eval_metrics = evaluate(done)
       if pending is not None:
         flush_pending()
   finally:
@@ -265,6 +282,28 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     epath.Path(checkpoint.workdir_path(workdir, "eval.json")).write_text(
         json.dumps({"step": int(jax.device_get(state.step)), **eval_metrics}))
   return state, eval_metrics
+
+
+def evaluation_missing(workdir: str, step: int) -> bool:
+  """Whether WORKDIR/metrics.jsonl holds no evaluation of `step` (a run
+  stopped or killed between saving that step and finishing its evaluation).
+  Read by process 0 and broadcast, so every process decides alike."""
+  missing = True
+  if jax.process_index() == 0:
+    path = epath.Path(checkpoint.workdir_path(workdir, "metrics.jsonl"))
+    if path.exists():
+      for line in path.read_text().splitlines():
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # A line cut short by a kill.
+        if row.get("split") == "eval" and row.get("step") == step:
+          missing = False
+          break
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
 
 
 def restore_workdir(workdir: str, overrides=(), which: str = "latest"):

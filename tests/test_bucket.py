@@ -119,3 +119,10 @@ def test_the_lock_object_of_a_live_run_elsewhere_stops_a_second_run(bucket):
       with checkpoint.WorkdirLock(workdir):
         pass
   assert not lock.exists()
+  # This host and this very pid, not held by this process: a container whose
+  # trainer is PID 1 again after a SIGKILL (or the watchdog's os._exit).
+  lock.write_text(json.dumps({"host": socket.gethostname(),
+                              "pid": os.getpid(), "time": 0, "token": "x"}))
+  with checkpoint.WorkdirLock(workdir):
+    assert json.loads(lock.read_text())["token"] != "x"
+  assert not lock.exists()

@@ -224,10 +224,41 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, idx_dir):
   assert _eval_json(workdir)["step"] == step + 2
 
 
+@pytest.mark.parametrize("how", ["to timeout", "to the process group"])
+def test_a_notice_delivered_twice_keeps_the_preemption_checkpoint(
+    tmp_path, idx_dir, how):
+  """Each process under GNU `timeout`: a SIGTERM to `timeout`, or to its
+  process group (a scheduler's `kill -TERM -PGID`), reaches the trainer two
+  or three times within milliseconds. That is one notice: both processes
+  still save the same step, exit 0 and resume."""
+  workdir = str(tmp_path / "run")
+  extra = ["--config.optimizer.schedule=constant"]
+  procs = start_two_processes(
+      ["timeout", "600", *_command("cnn.py", workdir, idx_dir, 400, extra)])
+  _wait_for(os.path.join(workdir, "checkpoints", "2"), procs[0])
+  if how == "to timeout":  # It forwards to the trainer, then to its group.
+    procs[1].send_signal(signal.SIGTERM)
+  else:  # `timeout` leads its own process group.
+    os.killpg(os.getpgid(procs[1].pid), signal.SIGTERM)
+  outputs = finish(procs)
+  assert not any("exiting without a final checkpoint" in o for o in outputs)
+  stops = [[line for line in out.splitlines() if "Stopping at step" in line]
+           for out in outputs]
+  assert all(len(s) == 1 for s in stops), outputs[1][-2000:]
+  step = int(stops[0][0].split("Stopping at step ")[1].split(":")[0])
+  assert stops[0] == stops[1] and 2 <= step < 400
+  saved = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
+           if n.isdigit()]
+  assert max(saved) == step
+  finish(start_two_processes(_command("cnn.py", workdir, idx_dir, step + 2,
+                                      extra)))
+  assert _eval_json(workdir)["step"] == step + 2
+
+
 def test_a_hung_process_dies_after_the_grace_period():
   """The main thread blocked where Python cannot run a signal handler: the
   watchdog still ends the process after the grace period, or at once on a
-  second SIGTERM."""
+  SIGTERM after the repeat window (1 s here)."""
   code = ("import threading, sys\n"
           "from genimg_jax import preemption\n"
           "with preemption.Preemption(grace_s=float(sys.argv[1])):\n"
@@ -236,12 +267,13 @@ def test_a_hung_process_dies_after_the_grace_period():
   for grace, signals in ((3.0, 1), (600.0, 2)):
     proc = subprocess.Popen([sys.executable, "-c", code, str(grace)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_base_env())
+                            text=True, env={**_base_env(),
+                                            "GENIMG_SIGNAL_REPEAT_S": "1"})
     assert proc.stdout.readline().strip() == "ready"
     start = time.time()
     for _ in range(signals):
       proc.send_signal(signal.SIGTERM)
-      time.sleep(0.5)
+      time.sleep(1.5)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "exiting without a final checkpoint" in err

@@ -107,10 +107,18 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path, idx_dir):
                             jax.tree.leaves(runs["c"][0])[0])
 
 
+def _eval_rows(workdir):
+  return [r for r in map(json.loads, open(os.path.join(
+      workdir, "metrics.jsonl"))) if r["split"] == "eval"]
+
+
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):
+  """Stopped at step 4, an evaluation step: the stop saves without
+  evaluating, and the resumed run evaluates step 4 before training on, so
+  its evaluations equal the uninterrupted run's."""
   config = tiny_config(idx_dir, "resnet.py", **{
       "model.width": 4, "model.blocks_per_stage": "(1, 1)",
-      "checkpoint_every": 100})
+      "checkpoint_every": 100, "eval_every": 2})
   full, full_metrics = train.train_and_evaluate(config,
                                                 str(tmp_path / "full"))
   workdir = str(tmp_path / "stopped")
@@ -127,6 +135,11 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):
   steps = [json.loads(l)["step"] for l in open(os.path.join(
       workdir, "metrics.jsonl")) if '"train"' in l]
   assert steps == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in _eval_rows(workdir)] == [2, 4, 6]
+  assert _eval_rows(workdir) == _eval_rows(str(tmp_path / "full"))
+  # Resumed again with nothing left to do: no evaluation is repeated.
+  train.train_and_evaluate(config, workdir)
+  assert [r["step"] for r in _eval_rows(workdir)] == [2, 4, 6]
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, idx_dir):
@@ -203,3 +216,29 @@ def test_installed_genimg_command(tmp_path, idx_dir):
       capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr
   assert "accuracy" in json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_best_checkpoint_restarts_when_the_evaluation_protocol_changes(
+    tmp_path, capsys):
+  """FIDs of different protocols (feature network, reference statistics,
+  sampler, ...) are not comparable: a best of another protocol is dropped."""
+  workdir = str(tmp_path)
+  state = {"w": np.zeros(3, np.float32)}
+  inception = {"feature_network": "inception:x.msgpack", "eval_samples": 64}
+  own = {"feature_network": "fashion_mnist_resnet", "eval_samples": 64}
+
+  def save(step, fid, protocol):
+    best = checkpoint.Checkpointer(workdir, {}, best=True, protocol=protocol)
+    best.save(step, state, {"fid": fid})
+    best.close()
+    best = checkpoint.Checkpointer(workdir, {}, best=True, protocol=protocol)
+    step = best.best_step()
+    best.close()
+    return step
+
+  assert save(1, 5.0, own) == 1
+  assert save(2, 9.0, own) == 1  # Same protocol: the lower FID stays.
+  assert save(3, 20.0, inception) == 3  # Another scale: a new best.
+  assert "evaluation protocol changed (feature_network: " in (
+      capsys.readouterr().out)
+  assert save(4, 30.0, inception) == 3
