@@ -15,6 +15,16 @@
       [--config.xla_cpu_ynn_fusions=false]
   genimg bench --sweep --model all [--dtypes float32,bfloat16 --batch 128 \
       --max-batch 8192 --time-budget 420 --matmul-precision highest]
+
+Every config value is checked before anything compiles or is written: each
+bad one is named on a line of its own (`genimg train --help` lists the fields
+whose values have a special meaning, such as 0 = off).
+
+Exit codes: 0 done (or stopped by SIGTERM / Ctrl-C after saving a
+checkpoint: run the same command to resume); 2 bad input (a config value,
+path, data set or checkpoint) or a refused resume; 1 a failure during the run
+(the loss diverged, an unexpected error: a traceback follows); 143 or 130 a
+second SIGTERM or Ctrl-C ended the run without a final checkpoint.
 """
 
 from __future__ import annotations
@@ -39,11 +49,21 @@ def _split_overrides(argv):
   return rest, overrides
 
 
+def _special_values() -> str:
+  """The config fields whose rules note a special value, for --help."""
+  from genimg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  lines = [f"  {key:<30} {rule.allowed()}"
+           for key, rule in config_lib.FIELD_RULES.items() if rule.note]
+  return "config fields with special values:\n" + "\n".join(lines)
+
+
 def _parser():
   parser = argparse.ArgumentParser(prog="genimg", description=__doc__,
                                    formatter_class=argparse.RawTextHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  train = sub.add_parser("train", help="train (or resume) a run in a workdir")
+  train = sub.add_parser("train", help="train (or resume) a run in a workdir",
+                         epilog=_special_values(),
+                         formatter_class=argparse.RawTextHelpFormatter)
   train.add_argument("--config", required=True,
                      help="an experiments/*.py file with get_config()")
   train.add_argument("--workdir", required=True,
@@ -67,12 +87,15 @@ def _parser():
                       help="diffusion: ddpm or ddim; flow: euler or heun "
                            "(default: the run's)")
   sample.add_argument("--steps", type=int, default=None,
-                      help="diffusion: sampler steps (default: the run's)")
+                      help="ddim, euler, heun: sampler steps (default: the "
+                           "run's; ddpm always takes all T)")
   sample.add_argument("--eta", type=float, default=None,
                       help="ddim's noise (0: deterministic)")
   sample.add_argument("--guidance", type=float, default=None,
-                      help="classifier-free guidance scale (conditional "
-                           "diffusion; 1: none)")
+                      help="classifier-free guidance scale s (conditional "
+                           "diffusion): out_u + s (out_c - out_u); s = 1 + w "
+                           "for Ho & Salimans' weight w; 1: none (the "
+                           "conditional model), 0: unconditional")
   export = sub.add_parser(
       "export-features",
       help="write a trained ResNet classifier as an FID feature network")
@@ -91,7 +114,8 @@ def _parser():
   convert.add_argument("--any-weights", action="store_true",
                        help="convert a .pth that is not pytorch-fid's file")
   stats = sub.add_parser(
-      "fid-stats", help="write the real eval split's feature mean and "
+      "fid-stats", help="write the reference split's "
+                        "(config.eval_reference_split) feature mean and "
                         "covariance (pytorch-fid's .npz: mu, sigma)")
   stats.add_argument("--config", required=True,
                      help="an experiments/*.py file or a config name")
@@ -152,7 +176,7 @@ def main(argv=None) -> int:
   from genimg_jax import checkpoint, config as config_lib, data, distributed
   from genimg_jax import train
   known_errors = (config_lib.ConfigError, data.DataError,
-                  checkpoint.CheckpointError, FloatingPointError, ValueError,
+                  checkpoint.CheckpointError, ValueError,
                   FileNotFoundError, ImportError)
   try:
     distributed.use_cpu_cores()
@@ -210,6 +234,9 @@ def main(argv=None) -> int:
                   args.input, args.output or None, args.profile or None,
                   overrides)
       metrics = None
+  except FloatingPointError as e:  # A diverged run: a failure, not input.
+    print(f"genimg {args.command}: error: {e}", file=sys.stderr)
+    return 1
   except known_errors as e:
     print(f"genimg {args.command}: error: {e}", file=sys.stderr)
     return 2

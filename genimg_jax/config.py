@@ -49,7 +49,10 @@ def resolve_config_path(path: str) -> str:
                    if f.endswith(".py") and f not in ("__init__.py",
                                                       "common.py"))
   name = os.path.basename(path)
-  if os.path.isdir(path) or path.endswith(".py") or name != path:
+  if os.path.isdir(path):
+    raise ConfigError(f"--config {path!r} is a directory, not a config file: "
+                      "pass a file with get_config(), e.g. DIR/dcgan.py.")
+  if path.endswith(".py") or name != path:
     packaged = name[:-3] if name.endswith(".py") else name
     hint = (f" (the installed config of that name is --config {packaged})"
             if packaged in configs else "")
