@@ -24,6 +24,7 @@ def get_config(arg=""):
   # No effect on GPU or TPU.
   config.xla_cpu_ynn_fusions = False
   config.xla_cpu_ynn_fusions_kept = "reduce"
+  # data.random_flip stays False: classifiers flip through augment_flip.
   config.data = common.get_data_config(dataset)
 
   config.model = ml_collections.ConfigDict()

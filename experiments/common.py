@@ -25,6 +25,10 @@ DATASETS = {
 LABELLED = tuple(name for name, spec in DATASETS.items() if spec[3])
 GRAYSCALE = tuple(name for name, spec in DATASETS.items()
                   if spec[2][2] == 1)
+# Data sets whose left-right mirror images are images of the same kind
+# (objects, faces), flipped at random in the full variants' training
+# (data.random_flip); not MNIST-like digits and clothing.
+MIRRORABLE = ("cifar10", "celeb_a64")
 # The sample-quality feature network shipped for each data set.
 FEATURE_NETWORKS = {"fashion_mnist": "fashion_mnist_resnet"}
 
@@ -33,12 +37,17 @@ def set_sample_quality(config, dataset: str) -> None:
   """FID, score, KID and precision/recall at evaluation: the shipped
   feature network where there is one (10,000 samples), else none (0
   samples). Elsewhere: --config.feature_network=inception:FILE (`genimg
-  convert-inception`) --config.eval_samples=50000, and optionally
-  --config.fid_stats=FILE.npz (mu, sigma: `genimg fid-stats` or
-  pytorch-fid's --save-stats) for FID against published statistics."""
+  convert-inception`; the Inception Score instead of the score)
+  --config.eval_samples=50000, and optionally --config.fid_stats=FILE.npz
+  (mu, sigma: `genimg fid-stats` or pytorch-fid's --save-stats) for FID
+  against published statistics. eval_reference_split: the real split
+  FID, KID and precision/recall compare with, "train", "test" or "eval"
+  (data.eval_split); "test" by default (published CIFAR-10 FIDs use
+  "train")."""
   config.feature_network = FEATURE_NETWORKS.get(dataset, "")
   config.fid_stats = ""
   config.eval_samples = 10000 if config.feature_network else 0
+  config.eval_reference_split = "test"
 
 
 def parse_arg(arg: str, datasets=tuple(DATASETS)) -> tuple[str, str]:
@@ -54,8 +63,9 @@ def parse_arg(arg: str, datasets=tuple(DATASETS)) -> tuple[str, str]:
   return dataset, variant
 
 
-def get_data_config(dataset: str = "fashion_mnist"):
-  """Where the images come from. idx_dir wins over the TFDS name when set."""
+def get_data_config(dataset: str = "fashion_mnist", variant: str = "local"):
+  """Where the images come from and how training sees them. idx_dir wins over
+  the TFDS name when set."""
   name, idx_dir, image_shape, num_classes, center_crop = DATASETS[dataset]
   data = ml_collections.ConfigDict()
   data.name = name
@@ -69,6 +79,11 @@ def get_data_config(dataset: str = "fashion_mnist"):
   data.center_crop = center_crop  # 0: none.
   # Threads that read, decode and resize TFDS data on demand; 0: min(8, CPUs).
   data.num_workers = 0
+  # Training images mirrored left-right at random (probability 1/2 each,
+  # drawn in the train step) by the diffusion, GAN and VAE families; the
+  # classifiers augment through config.augment / augment_flip instead.
+  # True in the full variants of MIRRORABLE data sets (as DDPM on CIFAR-10).
+  data.random_flip = variant == "full" and dataset in MIRRORABLE
   return data
 
 

@@ -16,8 +16,10 @@ by DDIM with 10 steps (measured on 2 CPU cores: about 1.2 s a step, and
 10 minutes for the step-1,000 FID on the shared machine; see docs/diffusion.md).
 full: DDPM's networks: on
 CIFAR-10 35.7M parameters (channels 128, (1, 2, 2, 2), attention at 16 x 16,
-dropout 0.1), batch 128, 800,000 steps, Adam 2e-4 with 5,000 warm-up steps,
-gradients clipped at norm 1, EMA 0.9999 (Ho et al. 2020, Appendix B).
+dropout 0.1), batch 128, 800,000 steps, Adam 2e-4 after 5,000 steps of
+linear warm-up, gradients clipped at norm 1, EMA 0.9999 from the first step,
+random left-right flips on CIFAR-10 and CelebA (Ho et al. 2020, Appendix B).
+local: EMA 0.999 with the warm-up of optim.ema_decay_at, no flips.
 """
 
 import ml_collections
@@ -33,7 +35,7 @@ def get_config(arg=""):
   # CPU (the local UNet 1.35-1.65x; docs/performance.md).
   # No effect on GPU or TPU.
   config.xla_cpu_ynn_fusions = False
-  config.data = common.get_data_config(dataset)
+  config.data = common.get_data_config(dataset, variant)
   side = config.data.image_shape[0]
 
   config.model = ml_collections.ConfigDict()
@@ -56,12 +58,24 @@ def get_config(arg=""):
   config.diffusion.conditional = False
   config.diffusion.label_dropout = 0.1
   config.diffusion.ema_decay = 0.999 if local else 0.9999
+  # full: the decay from the first update, as DDPM. local: the warm-up
+  # min(decay, (1 + t) / (10 + t)) (optim.ema_decay_at): without it the EMA
+  # at the first evaluation (step 1,000) would still hold 0.999^1000 = 37%
+  # of the random initial weights; with it, 3e-22.
+  config.diffusion.ema_warmup = local
   # Sampling at evaluation and by `genimg sample` (a resume may change these).
   config.diffusion.sampler = "ddim"
   config.diffusion.sample_steps = 10 if local else 50
   config.diffusion.eta = 0.0
   config.diffusion.guidance_scale = 1.0
+  # x0_hat clipped to [-1, 1] and eps_hat recomputed from it (ddpm, ddim).
   config.diffusion.clip_denoised = True
+  # ddpm: "fixedsmall" (posterior variance beta~_t) or "fixedlarge" (beta_t,
+  # DDPM's CIFAR-10 FID 3.17).
+  config.diffusion.ddpm_variance = "fixedsmall"
+  # ddim: "trailing" (from T - 1), "leading" (diffusers'), "uniform" or
+  # "quadratic" (DDIM's tables); see samplers.ddim_timesteps.
+  config.diffusion.ddim_spacing = "trailing"
 
   config.optimizer = common.get_optimizer_config(
       "adam", 1e-3 if local else 2e-4, "cosine" if local else "constant",

@@ -9,7 +9,8 @@ the importance-weighted bound (IWAE) at the end.
 Grayscale data is dynamically binarized (Bernoulli likelihood); colour data
 keeps its 8 bits (discretized logistic likelihood, latent 128), so the bound
 is in bits/dim of 8-bit images. local: 10 epochs (1,000 steps on CelebA);
-full: 100 epochs (20 on CelebA). beta-VAE: --config.vae.beta=4.
+full: 100 epochs (20 on CelebA), training images flipped left-right at random
+on CIFAR-10 and CelebA. beta-VAE: --config.vae.beta=4.
 Other MNIST-format data: --config.data.idx_dir=/path/to/idx/files.
 """
 
@@ -26,7 +27,7 @@ def get_config(arg=""):
   # (conv VAE step 1.4x, MLP VAE 1.05-1.1x, K = 1,000 bound 1.2x;
   # docs/performance.md). No effect on GPU or TPU.
   config.xla_cpu_ynn_fusions = False
-  config.data = common.get_data_config(dataset)
+  config.data = common.get_data_config(dataset, variant)
 
   config.model = ml_collections.ConfigDict()
   config.model.dtype = "float32"

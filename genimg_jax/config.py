@@ -371,6 +371,11 @@ def _cross_field_problems(flat: dict) -> list[str]:
   if get("num_steps") == 0 and get("num_epochs") == 0:
     problems.append("num_steps=0 and num_epochs=0: nothing to train; set "
                     "one of them > 0")
+  if get("eval_samples") and not get("feature_network", "x"):
+    problems.append(
+        f"eval_samples={get('eval_samples')}: an FID needs a feature network;"
+        " set feature_network (a shipped name, a file from `genimg "
+        "export-features`, or inception:FILE) or eval_samples=0")
   if get("model.name") == "resnet":
     if get("model.width", 1) < 1:
       problems.append(f"model.width={get('model.width')}: the ResNet needs "
@@ -401,7 +406,7 @@ def _ineffective(key: str, flat: dict) -> str | None:
       return f"sgd has no {leaf} (momentum is its decay)"
   if key == "gan.gp_weight" and get("gan.loss") != "wgan_gp":
     return f"only gan.loss='wgan_gp' has a gradient penalty"
-  if key in ("eval_samples", "fid_stats", "eval_reference_split") and not (
+  if key in ("fid_stats", "eval_reference_split") and not (
       get("feature_network")) and get(key):
     return "no feature network: set feature_network too"
   if key.startswith("diffusion."):
@@ -426,6 +431,8 @@ def _ineffective(key: str, flat: dict) -> str | None:
     return "only model.name='resnet' has them"
   if key == "augment_flip" and not get("augment"):
     return "augment is off"
+  if key == "data.random_flip" and get("family") == "classifier":
+    return "classifiers flip through augment and augment_flip"
   if key == "vae.hidden" and get("vae.architecture") == "conv":
     return "only vae.architecture='mlp' has a hidden layer width"
   return None

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -279,12 +280,19 @@ def load_tfds_split(name: str, split: str, data_dir: str | None = None,
     return TfdsSource(builder.as_data_source(split=split),
                       num_workers=num_workers)
   except KeyError:
+    offline = ("; offline, point --config.data.idx_dir at its MNIST-format "
+               "IDX files" if name in IDX_DATA_SETS else
+               " (IDX files hold only MNIST-format grayscale data)")
     raise DataError(
         f"TFDS data set {name!r} has no prepared {split!r} split in "
-        f"{builder.data_dir!r}. On a machine with internet, set "
-        f"--config.data.download=True (or run `tfds build {name} "
-        "--file_format=array_record`); offline, point --config.data.idx_dir "
-        "at MNIST-format IDX files.") from None
+        f"{builder.data_dir!r}. Prepare it once on a machine with internet: "
+        f"--config.data.download=True (or `tfds build {name} "
+        f"--file_format=array_record`), and pass --config.data.tfds_data_dir "
+        f"if it lives elsewhere{offline}.") from None
+
+
+# TFDS data sets whose images MNIST-format IDX files can also hold.
+IDX_DATA_SETS = ("mnist", "fashion_mnist", "kmnist", "emnist")
 
 
 def load_split(data_config, split: str) -> ArraySource | TfdsSource:
@@ -338,6 +346,23 @@ def check_examples(batch: dict[str, np.ndarray], image_shape: tuple[int, ...],
 
 # ----------------------------------------------------------------------------
 # Batches.
+
+# The flip draws of a train step come from fold_in(step rng, FLIP_STREAM):
+# apart from the step's other draws, its splits (split(rng, n)[i] is
+# fold_in(rng, i)) and its small fold_ins ("flip" in ASCII).
+FLIP_STREAM = 0x666C6970
+
+
+def random_flip(images_BHWC: jax.Array, rng: jax.Array) -> jax.Array:
+  """Each image mirrored left-right (the W axis) with probability 1/2, on
+  device (config.data.random_flip). images: [B, H, W, C], any dtype. rng:
+  the train step's rng (already folded with the step); the flips are a
+  Bernoulli [B] of fold_in(rng, FLIP_STREAM) over the global batch, so each
+  row's draw does not depend on the device that holds it."""
+  flips_B = jax.random.bernoulli(jax.random.fold_in(rng, FLIP_STREAM), 0.5,
+                                 images_BHWC.shape[:1])
+  return jnp.where(flips_B[:, None, None, None], images_BHWC[:, :, ::-1],
+                   images_BHWC)
 
 
 def cycling_labels(n: int, num_classes: int) -> np.ndarray:

@@ -20,7 +20,8 @@ Class-conditional models (config.diffusion.conditional) learn the "no label"
 class num_classes too: each training label is replaced by it with
 probability config.diffusion.label_dropout. Classifier-free guidance at
 sampling with scale s: out = out(no label) + s (out(label) - out(no label));
-s = 1 is the conditional model, s = 0 the unconditional one.
+s = 1 is the conditional model, s = 0 the unconditional one; s = 1 + w for
+Ho & Salimans' guidance weight w (w = 0.3: s = 1.3).
 The EMA of the parameters (state.ema_params) is what samples and evaluates.
 """
 
@@ -38,7 +39,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from genimg_jax import data, images as images_lib, optim, parallel, quality
+from genimg_jax import config as config_lib, data, images as images_lib
+from genimg_jax import optim, parallel, quality
 from genimg_jax import samplers, unet
 
 OBJECTIVES = ("eps", "v", "flow")
@@ -128,6 +130,8 @@ class Settings:
   num_classes: int = 0  # > 0: class-conditional.
   label_dropout: float = 0.1
   ema_decay: float = 0.9999
+  ema_warmup: bool = True  # See optim.ema_decay_at.
+  random_flip: bool = False  # Training images mirrored (data.random_flip).
 
   def alpha_bars(self) -> np.ndarray:
     return alpha_bars_for(self.schedule, self.num_timesteps)
@@ -150,7 +154,10 @@ def settings_from_config(config) -> Settings:
                      f"(data.num_classes is {config.data.num_classes}).")
   return Settings(d.objective, d.schedule, d.num_timesteps,
                   config.data.num_classes if d.conditional else 0,
-                  d.label_dropout, d.ema_decay)
+                  d.label_dropout, d.ema_decay,
+                  # Configs saved before these fields: warm-up, no flips.
+                  d.get("ema_warmup", True),
+                  config.data.get("random_flip", False))
 
 
 def make_model(config, num_classes: int) -> unet.UNet:
@@ -210,14 +217,18 @@ def drop_labels(labels_B, num_classes: int, rate: float, rng):
 def train_step(state: TrainState, batch, rng, *, settings: Settings):
   """One step on the mean squared error of the objective's target.
 
-  rng (folded with the step): the noise, the times, the label dropout and
-  the network's dropout. Metrics: loss, grad_norm, param_norm (after the
-  update).
+  rng (folded with the step): the noise, the times, the label dropout, the
+  network's dropout and, with settings.random_flip, the flips
+  (`data.random_flip`). Metrics: loss, grad_norm, param_norm (after the
+  update), ema_decay (the decay of this step's EMA update).
   """
   rng = jax.random.fold_in(rng, state.step)
   example_rng, label_rng, dropout_rng = jax.random.split(rng, 3)
-  x_t, time, target_ = training_example(
-      settings, to_model_range(batch["image"]), example_rng)
+  images = batch["image"]
+  if settings.random_flip:
+    images = data.random_flip(images, rng)
+  x_t, time, target_ = training_example(settings, to_model_range(images),
+                                        example_rng)
   labels = None
   if settings.num_classes:
     labels = drop_labels(batch["label"], settings.num_classes,
@@ -230,12 +241,13 @@ def train_step(state: TrainState, batch, rng, *, settings: Settings):
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   new_state = state.apply_gradients(grads=grads)
-  decay = optim.ema_decay_at(state.step, settings.ema_decay)
+  decay = optim.ema_decay_at(state.step, settings.ema_decay,
+                             settings.ema_warmup)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                      state.ema_params, new_state.params)
   return new_state.replace(ema_params=ema), {
       "loss": loss, "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(new_state.params)}
+      "param_norm": optax.tree.norm(new_state.params), "ema_decay": decay}
 
 
 def bind_train_step(config, mesh=None):
@@ -294,21 +306,34 @@ def make_velocity_fn(network):
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
   """sampler: ddpm or ddim (eps, v); euler or heun (flow). steps: ddim,
-  euler, heun (ddpm always takes T). eta: ddim's noise. guidance_scale: see
-  `guided_network`. clip: x0_hat clipped to [-1, 1] (ddpm, ddim)."""
+  euler, heun (ddpm always takes T). eta: ddim's noise. guidance_scale: s
+  of `guided_network` (s = 1 + w, Ho & Salimans' w). clip: x0_hat clipped
+  to [-1, 1] and eps_hat recomputed from it (ddpm, ddim). ddpm_variance:
+  "fixedsmall" or "fixedlarge" (`samplers.ddpm_tables`). ddim_spacing: the
+  timestep table (`samplers.ddim_timesteps`)."""
   sampler: str = "ddim"
   steps: int = 50
   eta: float = 0.0
   guidance_scale: float = 1.0
   clip: bool = True
+  ddpm_variance: str = "fixedsmall"
+  ddim_spacing: str = "trailing"
 
 
 def sampler_options(config, **overrides) -> SamplerOptions:
+  """The config's sampler settings (diffusion.sampler, sample_steps, eta,
+  guidance_scale, clip_denoised, ddpm_variance, ddim_spacing; the last two
+  default to fixedsmall and trailing for configs saved without them) with
+  `overrides` (SamplerOptions fields; None keeps the config's). Raises
+  ConfigError for settings that cannot run, and for explicit `steps` with
+  the ddpm sampler, which always takes num_timesteps."""
   d = config.diffusion
   options = SamplerOptions(d.sampler, d.sample_steps, d.eta,
-                           d.guidance_scale, d.clip_denoised)
-  options = dataclasses.replace(
-      options, **{k: v for k, v in overrides.items() if v is not None})
+                           d.guidance_scale, d.clip_denoised,
+                           d.get("ddpm_variance", "fixedsmall"),
+                           d.get("ddim_spacing", "trailing"))
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  options = dataclasses.replace(options, **overrides)
   allowed = (samplers.FLOW_SAMPLERS if d.objective == "flow"
              else samplers.DIFFUSION_SAMPLERS)
   if options.sampler not in allowed:
@@ -316,6 +341,20 @@ def sampler_options(config, **overrides) -> SamplerOptions:
                      f"{d.objective!r}; choose from {allowed}.")
   if options.steps < 1:
     raise ValueError(f"Sampler steps must be >= 1, got {options.steps}.")
+  if (options.sampler == "ddpm" and "steps" in overrides
+      and overrides["steps"] != d.num_timesteps):
+    raise config_lib.ConfigError(
+        f"--steps {overrides['steps']}: the ddpm sampler always takes all "
+        f"{d.num_timesteps} steps (diffusion.num_timesteps); use --sampler "
+        "ddim for fewer.")
+  if options.ddpm_variance not in samplers.DDPM_VARIANCES:
+    raise config_lib.ConfigError(
+        f"diffusion.ddpm_variance {options.ddpm_variance!r}: choose from "
+        f"{samplers.DDPM_VARIANCES}.")
+  if options.ddim_spacing not in samplers.DDIM_SPACINGS:
+    raise config_lib.ConfigError(
+        f"diffusion.ddim_spacing {options.ddim_spacing!r}: choose from "
+        f"{samplers.DDIM_SPACINGS}.")
   if options.guidance_scale != 1.0 and not d.conditional:
     raise ValueError("Classifier-free guidance needs a class-conditional "
                      "model (experiments/ddpm_cond.py, flow_cond.py); this "
@@ -337,11 +376,13 @@ def generate(params, noise_BHWC, labels_B, rng, *, apply_fn,
   denoise_fn = make_denoise_fn(network, settings, options.clip)
   alpha_bars = settings.alpha_bars()
   if options.sampler == "ddpm":
-    x = samplers.ddpm_sample(denoise_fn, alpha_bars, noise_BHWC, rng)
+    x = samplers.ddpm_sample(denoise_fn, alpha_bars, noise_BHWC, rng,
+                             options.ddpm_variance)
   else:
     x = samplers.ddim_sample(
         denoise_fn, alpha_bars, noise_BHWC,
-        samplers.ddim_timesteps(settings.num_timesteps, options.steps),
+        samplers.ddim_timesteps(settings.num_timesteps, options.steps,
+                                options.ddim_spacing),
         options.eta, rng)
   return jnp.clip(x, -1.0, 1.0)
 

@@ -4,7 +4,8 @@
 `n_critic` discriminator updates, then one generator update, then the EMA of
 the generator's parameters. Every draw comes from `rng` folded with the step:
 fresh noise z for each discriminator update and for the generator update,
-dropout masks, and the WGAN-GP interpolation weights (U(0, 1) per example).
+dropout masks, the WGAN-GP interpolation weights (U(0, 1) per example) and,
+with config.data.random_flip, the left-right flips of the real images.
 Real images are scaled to [-1, 1] on device; the generator ends in tanh.
 """
 
@@ -173,6 +174,8 @@ class Settings:
   conditional: bool = False
   skip_nonfinite: bool = False
   noise_sharding: Any = None  # A NamedSharding for z [B, Z], or None.
+  ema_warmup: bool = True  # See optim.ema_decay_at.
+  random_flip: bool = False  # Real images mirrored (data.random_flip).
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
@@ -183,7 +186,9 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
     raise ValueError("gan.conditional needs a labelled data set "
                      f"(data.num_classes is {config.data.num_classes}).")
   return Settings(gan.loss, gan.n_critic, gan.gp_weight, gan.ema_decay,
-                  gan.z_dim, gan.conditional, gan.skip_nonfinite)
+                  gan.z_dim, gan.conditional, gan.skip_nonfinite,
+                  ema_warmup=gan.ema_warmup,
+                  random_flip=config.data.random_flip)
 
 
 def make_models(config) -> tuple[Generator, Discriminator]:
@@ -291,11 +296,17 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
   B / n_critic samples. Discriminator metrics are means over the critic
   updates.
   rng: folded with state.step, then per update into z, dropout (one mask for
-  the real pass, another for the fake pass) and gradient-penalty keys.
+  the real pass, another for the fake pass) and gradient-penalty keys, and,
+  with settings.random_flip, the flips of the real images
+  (`data.random_flip`, over the whole batch before it is split).
+  Metrics add ema_decay, the decay of this step's EMA update.
   """
   rng = jax.random.fold_in(rng, state.step)
+  images = batch["image"]
+  if settings.random_flip:
+    images = data.random_flip(images, rng)
   real_parts = critic_batches(
-      classifier.to_float(batch["image"]) * 2.0 - 1.0, settings.n_critic,
+      classifier.to_float(images) * 2.0 - 1.0, settings.n_critic,
       settings.noise_sharding)
   label_parts = critic_batches(batch["label"], settings.n_critic,
                                settings.noise_sharding)
@@ -365,13 +376,15 @@ def train_step(state: GANState, batch: dict, rng: jax.Array, *,
   (g_loss, g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
       g.params)
   g = g.apply_gradients(grads=g_grads, batch_stats=g_stats)
-  # EMA with a warm-up so early samples are not dominated by the init.
-  decay = optim.ema_decay_at(state.step, settings.ema_decay)
+  # The EMA, by default with a warm-up (early samples not dominated by the
+  # init; see optim.ema_decay_at).
+  decay = optim.ema_decay_at(state.step, settings.ema_decay,
+                             settings.ema_warmup)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                      state.ema_params, g.params)
   metrics.update(g_loss=g_loss, g_grad_norm=optax.tree.norm(g_grads),
                  g_param_norm=optax.tree.norm(g.params),
-                 d_param_norm=optax.tree.norm(d.params))
+                 d_param_norm=optax.tree.norm(d.params), ema_decay=decay)
   new_state = state.replace(step=state.step + 1, g=g, d=d, ema_params=ema)
   if settings.skip_nonfinite:
     ok = jnp.all(jnp.array([jnp.isfinite(v) for v in jax.tree.leaves(
@@ -458,14 +471,16 @@ def sample_images(config, mesh, state: GANState, labels_N: np.ndarray,
 
 
 def make_evaluator(config, mesh, eval_source, workdir):
-  """evaluator(state, step) -> {"fid", "score"}; writes PNG grids.
+  """evaluator(state, step) -> `quality.QualityMetrics`' metrics ("fid",
+  "score" or "inception_score", ...); writes PNG grids.
 
   Samples come from the EMA generator with its own standing BatchNorm
   statistics, recomputed at every evaluation (`make_ema_batch_stats`).
   Every evaluation writes samples/step_N.png (64 samples from fixed noise),
   samples/interp_N.png (latent interpolations) and, for conditional models,
   samples/classes_N.png (one row per class). FID and score use
-  config.eval_samples samples against all of eval_source (0: none).
+  config.eval_samples samples against the reference split
+  (`quality.metrics_for_config`; 0: none).
   Every process runs every sampling call; only process 0 writes files.
   """
   settings = settings_from_config(config)

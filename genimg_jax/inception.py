@@ -5,8 +5,8 @@ graph) as `pytorch-fid` ports it (`pytorch_fid/inception.py`): torchvision's
 Inception-v3 with its FID-specific blocks (average pools that do not count
 padding in `FIDInceptionA/C/E_1`, a max pool in the last block's pool branch
 `FIDInceptionE_2`) and 1008 classes. It returns the 2,048 pooled features
-(FID, KID, precision/recall) and the 1,008 logits (Inception Score) in one
-pass.
+(FID, KID, precision/recall) and the 1,008 logits in one pass; the Inception
+Score uses the logits without the fc bias (`features_and_unbiased_logits`).
 
 Preprocessing, as `pytorch_fid.inception.InceptionV3.forward` with its
 defaults: uint8 -> x / 255, grayscale repeated to 3 channels (PIL's
@@ -207,6 +207,16 @@ class FIDInceptionV3(nn.Module):
     x = InceptionE(max_pool=True, name="Mixed_7c")(x)
     pool = jnp.mean(x, axis=(1, 2))
     return pool, nn.Dense(NUM_LOGITS, name="fc")(pool)
+
+
+def features_and_unbiased_logits(variables, images_BHWC):
+  """(pool features [B, 2048], unbiased logits [B, 1008]), float32: the
+  Inception Score's logits, pool @ fc kernel without the fc bias, as
+  openai/improved-gan computes them (pool_3 times the weight input of
+  softmax/logits/MatMul) and torch-fidelity ("logits_unbiased")."""
+  pool, _ = FIDInceptionV3().apply(variables, images_BHWC)
+  return pool, jnp.matmul(pool, variables["params"]["fc"]["kernel"],
+                          precision=jax.lax.Precision.HIGHEST)
 
 
 def variables_from_torch(state_dict: Mapping[str, np.ndarray]) -> dict:

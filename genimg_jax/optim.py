@@ -9,11 +9,18 @@ import optax
 
 
 def learning_rate_schedule(opt_config, num_steps: int):
-  """The learning rate of `opt_config`: a float ("constant") or an optax
-  schedule ("cosine": linear warm-up over `warmup_steps`, then cosine decay
-  to 0 at `num_steps`)."""
+  """The learning rate of `opt_config`, a float or an optax schedule of the
+  0-based update count. Both schedules first rise linearly from 0 to
+  `learning_rate` over `warmup_steps` (0: no warm-up; the update at step s <
+  warmup_steps uses learning_rate * s / warmup_steps, DDPM's warm-up), then
+  "constant" stays there (a float when there is no warm-up) and "cosine"
+  decays to 0 at `num_steps`."""
   if opt_config.schedule == "constant":
-    return opt_config.learning_rate
+    warmup_steps = opt_config.get("warmup_steps", 0)
+    if warmup_steps <= 0:
+      return opt_config.learning_rate
+    return optax.warmup_constant_schedule(0.0, opt_config.learning_rate,
+                                          warmup_steps)
   if opt_config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
         0.0, opt_config.learning_rate, opt_config.warmup_steps,
@@ -57,7 +64,11 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
   return tx
 
 
-def ema_decay_at(step, ema_decay: float) -> jax.Array:
-  """The EMA decay used by the update at `step` (0-based): min(ema_decay,
-  (1 + step) / (10 + step)), a warm-up so the initial weights fade fast."""
+def ema_decay_at(step, ema_decay: float, warmup: bool = True) -> jax.Array:
+  """The EMA decay used by the update at `step` (0-based), float32 []:
+  with `warmup`, min(ema_decay, (1 + step) / (10 + step)) (so the initial
+  weights fade fast; 0.999 is reached at step 8,990, 0.9999 at 89,990);
+  without, `ema_decay` from the first update (DDPM)."""
+  if not warmup:
+    return jnp.full((), ema_decay, jnp.float32)
   return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))

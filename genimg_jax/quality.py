@@ -1,16 +1,21 @@
-"""Sample-quality metrics: FID, score, KID, precision/recall.
+"""Sample-quality metrics: FID, Inception Score or score, KID, precision/recall.
 
 FID: the Frechet distance between Gaussians fitted to a feature network's
-features of generated and of real images. Score: exp(E_x KL(p(y|x) || p(y)))
-over its class probabilities, in one split. KID and precision/recall: see
-their functions. The feature network is the project's own ResNet (pooled
-activations, 64 numbers; shipped in `genimg_jax/assets/` with its SHA-256,
-retrained by `experiments/resnet.py`, made for other data sets by `genimg
-export-features`) or the FID Inception-v3 (`inception.py`, 2,048 features,
-numbers comparable with papers). Generated images are quantized to uint8
-first, exactly as a PNG of them would be, so real and generated images go
-through the same preprocessing; `QualityMetrics.of_generator` does that on
-device, so samples never travel to the host.
+features of generated and of real images (the reference set:
+`config.eval_reference_split`, or precomputed statistics). KID and
+precision/recall: see their functions. The feature network is the project's
+own ResNet (pooled activations, 64 numbers; shipped in `genimg_jax/assets/`
+with its SHA-256, retrained by `experiments/resnet.py`, made for other data
+sets by `genimg export-features`) or the FID Inception-v3 (`inception.py`,
+2,048 features, numbers comparable with papers). With the Inception network
+the class-probability metric is the published Inception Score
+(`inception_score`: unbiased logits, 10 splits, mean and std); with the own
+ResNet it is an analogue of it, the "score" (`classifier_score`: the
+classifier's softmax, one split), not comparable with Inception Scores.
+Generated images are quantized to uint8 first, exactly as a PNG of them
+would be, so real and generated images go through the same preprocessing;
+`QualityMetrics.of_generator` does that on device, so samples never travel
+to the host.
 """
 
 from __future__ import annotations
@@ -59,12 +64,57 @@ def gaussian_stats(features_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return features.mean(0), np.cov(features, rowvar=False)
 
 
+def log_softmax64(logits_NK: np.ndarray) -> np.ndarray:
+  """log softmax over the last axis, [N, K] float64."""
+  logits = np.asarray(logits_NK, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.sum(np.exp(shifted), -1, keepdims=True))
+
+
 def classifier_score(probs_NK: np.ndarray, eps: float = 1e-12) -> float:
-  """exp(mean_x KL(p(y|x) || p(y))) over all of `probs` (one split)."""
+  """The own-network score, an Inception-Score analogue: exp(mean_x
+  KL(p(y|x) || p(y))) over all of `probs` [N, K] (one split), float64."""
   probs = np.asarray(probs_NK, np.float64)
   marginal = probs.mean(0, keepdims=True)
   kl = np.sum(probs * (np.log(probs + eps) - np.log(marginal + eps)), axis=1)
   return float(np.exp(kl.mean()))
+
+
+INCEPTION_SCORE_SPLITS = 10
+
+
+def inception_score(logits_NK: np.ndarray,
+                    splits: int = INCEPTION_SCORE_SPLITS
+                    ) -> tuple[float, float]:
+  """The Inception Score (Salimans et al. 2016): (mean, std) over splits.
+
+  logits_NK [N, K]: the Inception's unbiased logits (pool features @ fc
+  kernel, no bias: `inception.features_and_unbiased_logits`), in sample
+  order. As openai/improved-gan's `inception_score/model.py` and
+  torch-fidelity's `isc_features_to_metric`: split s holds rows
+  [s N // splits, (s + 1) N // splits) (N not divisible by `splits`: sizes
+  differ by one, no row is dropped); its score is exp(mean_x KL(p(y|x) ||
+  p_s(y))), p_s the split's mean of p(y|x); returns the mean and the
+  population std (np.std) of the `splits` scores. float64, p and log p from
+  the logits (torch-fidelity's log_softmax), the KL summed per split as
+  mean_x sum_y p log p - sum_y p_s log p_s (the same number). torch-fidelity
+  shuffles the rows first by default (`samples_shuffle`); improved-gan and
+  this function do not, which for i.i.d. samples changes nothing expected.
+  """
+  log_p = log_softmax64(logits_NK)
+  n = log_p.shape[0]
+  if log_p.ndim != 2 or n < splits or splits < 1:
+    raise ValueError(f"The Inception Score needs [N, K] logits with N >= "
+                     f"splits = {splits}, got shape {log_p.shape}.")
+  p = np.exp(log_p)
+  neg_entropy_N = np.sum(p * log_p, axis=1)
+  scores = []
+  for s in range(splits):
+    rows = slice(s * n // splits, (s + 1) * n // splits)
+    marginal = p[rows].mean(0)
+    cross = np.sum(marginal * np.log(np.where(marginal > 0, marginal, 1.0)))
+    scores.append(np.exp(neg_entropy_N[rows].mean() - cross))
+  return float(np.mean(scores)), float(np.std(scores))
 
 
 def _check_feature_pair(a, b, names: tuple[str, str]):
@@ -239,11 +289,15 @@ def save_feature_network(state, model_config, path: str = FEATURE_NETWORK,
 @dataclasses.dataclass
 class FeatureNetwork:
   """A feature network jitted over a mesh: uint8 images [B, H, W, C] ->
-  (features [B, D], class probabilities [B, K]) from one pass.
+  (features [B, D], logits [B, K]), float32, from one pass.
 
   features_and_logits(variables, images_uint8) -> (features, logits): the
-  shipped ResNet (`resnet_features_and_logits`) or the FID Inception
-  (`inception.FIDInceptionV3().apply`).
+  shipped ResNet (`resnet_features_and_logits`) or the FID Inception with
+  the Inception Score's unbiased logits
+  (`inception.features_and_unbiased_logits`). score: which class-probability
+  metric its logits give, "classifier" (`classifier_score`, key "score") or
+  "inception" (`inception_score`, keys "inception_score" and
+  "inception_score_std").
 
   A measuring instrument: it compiles with XLA's default options whatever
   the run's `parallel.compiler_options`, so the same images get the same
@@ -254,25 +308,41 @@ class FeatureNetwork:
   mesh: jax.sharding.Mesh
   batch_size: int = 512
   name: str = "resnet"
+  score: str = "classifier"
 
   def __post_init__(self):
-    def features_and_probs(variables, images_uint8):
-      features, logits = self.features_and_logits(variables, images_uint8)
-      return features, jax.nn.softmax(logits)
+    if self.score not in ("classifier", "inception"):
+      raise ValueError(f"score must be 'classifier' or 'inception', not "
+                       f"{self.score!r}.")
     repl = parallel.replicated(self.mesh)
     data = parallel.data_sharding(self.mesh)
-    self._apply = jax.jit(features_and_probs, in_shardings=(repl, data),
+    self._apply = jax.jit(self.features_and_logits, in_shardings=(repl, data),
                           out_shardings=(data, data))
     self.variables = parallel.replicate(self.variables, self.mesh)
 
   def __call__(self, images_uint8: np.ndarray):
-    """uint8 images [N, H, W, C] -> (features [N, D], probs [N, K]) numpy."""
+    """uint8 images [N, H, W, C] -> (features [N, D], logits [N, K]) numpy."""
     return parallel.map_batches(self.on_device, (images_uint8,), self.mesh,
                                 self.batch_size)
 
   def on_device(self, images_uint8: jax.Array):
-    """(features, probs) of a batch sharded on "data", left on device."""
+    """(features, logits) of a batch sharded on "data", left on device."""
     return self._apply(self.variables, images_uint8)
+
+  def feature_dim(self, image_shape) -> int:
+    """D for images of `image_shape` (H, W, C), traced, not run."""
+    features, _ = jax.eval_shape(
+        self.features_and_logits, self.variables,
+        jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8))
+    return features.shape[-1]
+
+  def scores(self, logits_NK: np.ndarray) -> dict[str, float]:
+    """{"score"} (classifier) or {"inception_score", "inception_score_std"}
+    of the logits [N, K] of N samples, computed in float64."""
+    if self.score == "inception":
+      mean, std = inception_score(logits_NK)
+      return {"inception_score": mean, "inception_score_std": std}
+    return {"score": classifier_score(np.exp(log_softmax64(logits_NK)))}
 
 
 def resnet_features_and_logits(model: classifier.ResNet):
@@ -334,34 +404,111 @@ def feature_network_for_config(config, mesh) -> FeatureNetwork:
   if name.startswith("inception:"):
     from genimg_jax import inception  # pylint: disable=g-import-not-at-top
     variables = inception.load_variables(name[len("inception:"):])
-    return FeatureNetwork(inception.FIDInceptionV3().apply, variables, mesh,
-                          batch_size=128, name="inception")
+    return FeatureNetwork(inception.features_and_unbiased_logits, variables,
+                          mesh, batch_size=128, name="inception",
+                          score="inception")
   return load_feature_network(mesh, feature_network_path(name),
                               config.data.image_shape)
 
 
-def metrics_for_config(config, mesh, real_source):
-  """QualityMetrics for `config` (its feature_network, fid_stats and
-  eval_samples) against every image of `real_source`, or None when
-  config.eval_samples is 0 (then `real_source` is not read)."""
+REFERENCE_SPLITS = ("train", "test", "eval")
+
+
+def reference_split(config) -> str:
+  """The real split FID, KID and precision/recall compare with:
+  config.eval_reference_split, "train", "test" or "eval" (the split named by
+  config.data.eval_split); configs without the field use "eval"."""
+  choice = config.get("eval_reference_split", "eval")
+  if choice not in REFERENCE_SPLITS:
+    raise ValueError(f"config.eval_reference_split must be one of "
+                     f"{list(REFERENCE_SPLITS)}, not {choice!r}.")
+  return config.data.eval_split if choice == "eval" else choice
+
+
+def reference_identity(split: str, images_uint8: np.ndarray) -> dict:
+  """What a reference set is: {"split", "num_images", "images_sha256"} (the
+  SHA-256 of the uint8 images' bytes, C order, and their shape)."""
+  images = np.ascontiguousarray(images_uint8, np.uint8)
+  digest = hashlib.sha256(repr(images.shape).encode())
+  digest.update(images.tobytes())
+  return {"split": split, "num_images": int(images.shape[0]),
+          "images_sha256": digest.hexdigest()}
+
+
+def metrics_for_config(config, mesh, eval_source):
+  """QualityMetrics for `config` (feature_network, fid_stats,
+  eval_reference_split, eval_samples), or None when config.eval_samples is 0
+  (then nothing is read).
+
+  The reference set is every image of the split `reference_split(config)`:
+  `eval_source` (the config.data.eval_split source) when it is that split,
+  else loaded here. With config.fid_stats, FID uses those statistics, and
+  KID and precision/recall use the reference set's features only when the
+  file records that it was made from exactly these images (`genimg
+  fid-stats` writes their SHA-256); otherwise they are off (not computed,
+  absent from the metrics) and a line on stdout says so.
+  """
   if not config.eval_samples:
     return None
+  from genimg_jax import data  # pylint: disable=g-import-not-at-top
   network = feature_network_for_config(config, mesh)
-  real_images = real_source.take(np.arange(len(real_source)))["image"]
-  reference = None
-  if config.get("fid_stats"):
-    reference = load_fid_stats(config.fid_stats, network.name)
-  return QualityMetrics(network, real_images, reference)
+  split = reference_split(config)
+  source = (eval_source if split == config.data.eval_split
+            else data.load_split(config.data, split))
+  if not config.get("fid_stats"):
+    return QualityMetrics(
+        network, source.take(np.arange(len(source)))["image"])
+  stats = load_fid_stats(config.fid_stats, network.name)
+  _check_stats_fit(stats[0], network.feature_dim(config.data.image_shape))
+  saved = fid_stats_reference(config.fid_stats)
+  real_images, why_off = None, None
+  if saved is None:
+    why_off = "records no reference set (not written by `genimg fid-stats`)"
+  elif (saved.get("split"), saved.get("num_images")) != (split, len(source)):
+    why_off = (f"comes from {saved.get('num_images')} images of the "
+               f"{saved.get('split')!r} split")
+  else:
+    real_images = source.take(np.arange(len(source)))["image"]
+    if reference_identity(split, real_images) != saved:
+      real_images, why_off = None, "comes from other images"
+  if why_off and jax.process_index() == 0:
+    print(f"KID and precision/recall are off: the FID statistics "
+          f"{config.fid_stats!r} {why_off}, not from the {len(source)} "
+          f"images of this run's reference split {split!r} "
+          "(config.eval_reference_split), so those metrics would compare "
+          "other sets. Write the statistics with `genimg fid-stats` for this "
+          "config to have them.", flush=True)
+  return QualityMetrics(network, real_images, stats)
 
 
 def save_fid_stats(path: str, mu_D: np.ndarray, sigma_DD: np.ndarray,
-                   network_name: str) -> None:
+                   network_name: str, reference: dict | None = None) -> None:
   """pytorch-fid's .npz layout (mu [D], sigma [D, D], float64) plus the
-  feature network's name."""
+  feature network's name and, if given, the reference set's
+  `reference_identity` (as JSON)."""
+  extra = {} if reference is None else {
+      "reference": np.asarray(json.dumps(reference, sort_keys=True))}
   with epath.Path(path).open("wb") as f:
     np.savez(f, mu=np.asarray(mu_D, np.float64),
              sigma=np.asarray(sigma_DD, np.float64),
-             feature_network=np.asarray(network_name))
+             feature_network=np.asarray(network_name), **extra)
+
+
+def fid_stats_reference(path: str) -> dict | None:
+  """The `reference_identity` a statistics file records, or None (pytorch-
+  fid's files and older ones of ours)."""
+  with epath.Path(path).open("rb") as f:
+    stats = np.load(f)
+    if "reference" not in stats.files:
+      return None
+    return json.loads(str(stats["reference"]))
+
+
+def _check_stats_fit(mu_D: np.ndarray, feature_dim: int) -> None:
+  if np.shape(mu_D) != (feature_dim,):
+    raise ValueError(
+        f"FID statistics of {np.shape(mu_D)[0]} features do not fit the "
+        f"feature network's {feature_dim}.")
 
 
 def load_fid_stats(path: str, network_name: str | None = None):
@@ -392,32 +539,41 @@ _to_uint8_on_device = jax.jit(images_lib.to_uint8,
 
 
 class QualityMetrics:
-  """FID, score, KID and precision/recall of generated images against one
-  real split (FID against `reference` = (mu, sigma) instead, if given)."""
+  """FID, the score (`FeatureNetwork.scores`), KID and precision/recall of
+  generated images against one reference set of real images (FID against
+  `reference` = (mu, sigma) instead, if given).
+
+  real_images_uint8 [N, H, W, C], or None with `reference` given: then KID
+  and precision/recall, which need the reference features, are off.
+  """
   PRECISION_RECALL_K = 3  # k-NN radius of Kynkaanniemi et al. (2019).
 
-  def __init__(self, network: FeatureNetwork, real_images_uint8: np.ndarray,
+  def __init__(self, network: FeatureNetwork,
+               real_images_uint8: np.ndarray | None,
                reference: tuple[np.ndarray, np.ndarray] | None = None):
+    if real_images_uint8 is None and reference is None:
+      raise ValueError("QualityMetrics needs real images or (mu, sigma).")
     self.network = network
-    self.real_features, _ = network(real_images_uint8)
+    self.real_features = None
+    if real_images_uint8 is not None:
+      self.real_features, _ = network(real_images_uint8)
     self.real_stats = reference or gaussian_stats(self.real_features)
     self._real_radii_sq = None  # precision_recall's, computed once.
-    if self.real_stats[0].shape != self.real_features.shape[1:]:
-      raise ValueError(
-          f"FID statistics of {self.real_stats[0].shape[0]} features do not "
-          f"fit the feature network's {self.real_features.shape[1]}.")
+    if self.real_features is not None:
+      _check_stats_fit(self.real_stats[0], self.real_features.shape[1])
 
   def __call__(self, fake_images_uint8: np.ndarray) -> dict[str, float]:
-    """fid, score; kid (mean over subsets of 1,000), kid_std; precision and
-    recall (k = PRECISION_RECALL_K = 3), the last four when both sets have
-    over 3 samples."""
+    """fid; score, or inception_score and inception_score_std; kid (mean
+    over subsets of 1,000), kid_std, precision and recall (k =
+    PRECISION_RECALL_K = 3), these four when there are reference features
+    and both sets have over 3 samples."""
     return self._metrics(*self.network(fake_images_uint8))
 
   def of_generator(self, generate_fn, inputs, batch_size: int = 512,
                    value_range: tuple[float, float] = (-1.0, 1.0)):
     """The metrics of images made on device chunk by chunk, as
     `self(to_uint8(images))` but without copying images to the host and
-    back: only features and probabilities leave the devices.
+    back: only features and logits leave the devices.
 
     generate_fn(*chunks) -> float images in `value_range` [b, H, W, C]
     sharded on "data" (a jitted sampler); inputs: host arrays [N, ...] (e.g.
@@ -425,23 +581,24 @@ class QualityMetrics:
     `parallel.map_batches` does.
     """
     low, high = value_range
-    features, probs = parallel.map_batches(
+    features, logits = parallel.map_batches(
         lambda *chunks: self.network.on_device(_to_uint8_on_device(
             generate_fn(*chunks), low=low, high=high)),
         inputs, self.network.mesh, batch_size)
-    return self._metrics(features, probs)
+    return self._metrics(features, logits)
 
-  def _metrics(self, features, probs) -> dict[str, float]:
+  def _metrics(self, features, logits) -> dict[str, float]:
+    _check_stats_fit(self.real_stats[0], features.shape[1])
     metrics = {"fid": frechet_distance(*gaussian_stats(features),
                                        *self.real_stats),
-               "score": classifier_score(probs)}
-    if min(len(features), len(self.real_features)) > 3:
+               **self.network.scores(logits)}
+    real = self.real_features
+    if real is not None and min(len(features), len(real)) > 3:
       metrics["kid"], metrics["kid_std"] = kernel_inception_distance(
-          features, self.real_features)
+          features, real)
       if self._real_radii_sq is None:
-        self._real_radii_sq = knn_radii_sq(self.real_features,
-                                           self.PRECISION_RECALL_K)
-      metrics.update(precision_recall(self.real_features, features,
+        self._real_radii_sq = knn_radii_sq(real, self.PRECISION_RECALL_K)
+      metrics.update(precision_recall(real, features,
                                       k=self.PRECISION_RECALL_K,
                                       real_radii_sq_N=self._real_radii_sq))
     return metrics
@@ -449,16 +606,19 @@ class QualityMetrics:
 
 def write_fid_stats(config, mesh, output: str) -> dict:
   """`genimg fid-stats`: (mu, sigma) of config.feature_network's features of
-  every image of config.data.eval_split, written to `output` (.npz) by
-  process 0 (every process computes them)."""
+  every image of the reference split (`reference_split(config)`), written to
+  `output` (.npz, with the set's `reference_identity`) by process 0 (every
+  process computes them)."""
   from genimg_jax import data  # pylint: disable=g-import-not-at-top
   network = feature_network_for_config(config, mesh)
-  source = data.load_split(config.data, config.data.eval_split)
-  mu, sigma = gaussian_stats(network(
-      source.take(np.arange(len(source)))["image"])[0])
+  split = reference_split(config)
+  source = data.load_split(config.data, split)
+  images = source.take(np.arange(len(source)))["image"]
+  mu, sigma = gaussian_stats(network(images)[0])
   if jax.process_index() == 0:
-    save_fid_stats(output, mu, sigma, network.name)
-  return {"output": output, "num_images": len(source),
+    save_fid_stats(output, mu, sigma, network.name,
+                   reference_identity(split, images))
+  return {"output": output, "split": split, "num_images": len(source),
           "feature_network": network.name, "feature_dim": len(mu)}
 
 

@@ -204,6 +204,7 @@ class Settings:
   likelihood: str = "bernoulli"
   beta: float = 1.0
   conditional: bool = False
+  random_flip: bool = False  # Training images mirrored (data.random_flip).
 
 
 def settings_from_config(config) -> Settings:
@@ -214,7 +215,9 @@ def settings_from_config(config) -> Settings:
     raise ValueError("vae.conditional needs a labelled data set "
                      f"(data.num_classes is {config.data.num_classes}).")
   return Settings(config.vae.likelihood, config.vae.beta,
-                  config.vae.conditional)
+                  config.vae.conditional,
+                  # Configs saved before this field: no flips.
+                  config.data.get("random_flip", False))
 
 
 def make_model(config) -> VAE:
@@ -270,7 +273,8 @@ def elbo_terms(apply_fn, params, image_uint8, labels, rng, settings):
 
 
 def train_step(state, batch, rng, *, settings: Settings):
-  """One step on the mean negative (beta-)ELBO. rng: binarization and z.
+  """One step on the mean negative (beta-)ELBO. rng: binarization, z and,
+  with settings.random_flip, the flips (`data.random_flip`).
 
   Metrics: loss (with beta), nelbo (beta = 1), recon (-log p(x|z)), kl, all
   in nats per image, bits_per_dim of the nelbo, grad_norm and param_norm (of
@@ -278,10 +282,13 @@ def train_step(state, batch, rng, *, settings: Settings):
   """
   rng = jax.random.fold_in(rng, state.step)
   labels = batch["label"] if settings.conditional else None
+  images = batch["image"]
+  if settings.random_flip:
+    images = data.random_flip(images, rng)
 
   def loss_fn(params):
-    log_px, kl = elbo_terms(state.apply_fn, params, batch["image"], labels,
-                            rng, settings)
+    log_px, kl = elbo_terms(state.apply_fn, params, images, labels, rng,
+                            settings)
     return jnp.mean(-log_px + settings.beta * kl), (log_px, kl)
 
   (loss, (log_px, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

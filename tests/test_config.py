@@ -14,7 +14,8 @@ def test_overrides_are_typed():
   config = config_lib.apply_overrides(
       config_lib.load_config_file(CNN),
       ["batch_size=64", "optimizer.learning_rate=3e-4", "augment=true",
-       "data.image_shape=(32, 32, 3)", "model.name=resnet"])
+       "data.image_shape=(32, 32, 3)", "model.name=resnet", "model.width=8",
+       "model.blocks_per_stage=(1, 1)"])
   assert config.batch_size == 64 and isinstance(config.batch_size, int)
   assert config.optimizer.learning_rate == pytest.approx(3e-4)
   assert config.augment is True
@@ -87,7 +88,8 @@ def test_run_length_evaluation_and_logging_may_change():
   changed = config_lib.apply_overrides(config, [
       "num_steps=10", "eval_every=5", "eval_samples=0", "log_every=1",
       "checkpoint_every=2", "mesh.num_devices=1", "data.idx_dir=/elsewhere",
-      "feature_network=x.msgpack", "keep_checkpoints=1"])
+      "feature_network=x.msgpack", "keep_checkpoints=1",
+      "eval_reference_split=train"])
   assert config_lib.fingerprint_mismatches(
       config_lib.model_fingerprint(config),
       config_lib.model_fingerprint(changed)) == []

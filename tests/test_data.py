@@ -1,4 +1,5 @@
-"""Data: IDX and TFDS sources agree, batches are deterministic and sharded."""
+"""Data: IDX and TFDS sources agree, batches are deterministic and sharded,
+the train steps' random flips."""
 
 import gzip
 import os
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from genimg_jax import data, parallel
+from genimg_jax import data, parallel, train
 from conftest import write_idx_dir, tiny_config
 
 
@@ -52,8 +53,13 @@ def test_unknown_tfds_name():
 
 
 def test_unprepared_tfds_data_set_says_what_to_do(tmp_path):
-  with pytest.raises(data.DataError, match="no prepared.*download=True"):
+  with pytest.raises(data.DataError, match="no prepared.*download=True.*"
+                     "idx_dir at its MNIST-format"):
     data.load_tfds_split("mnist", "train", data_dir=str(tmp_path))
+  # IDX files cannot hold CIFAR-10: no such advice.
+  with pytest.raises(data.DataError, match="download=True") as e:
+    data.load_tfds_split("cifar10", "train", data_dir=str(tmp_path))
+  assert "point --config.data.idx_dir" not in str(e.value)
 
 
 def test_missing_directory_says_what_to_do(monkeypatch, tmp_path):
@@ -284,3 +290,83 @@ def test_map_batches_pads_a_few_rows_to_the_devices_not_to_a_batch():
     assert shapes == expected, n
     np.testing.assert_array_equal(out["double"], 2 * x)
     np.testing.assert_array_equal(out["sum"], x.sum(axis=1))
+
+
+# --- Random flips (config.data.random_flip) -----------------------------------
+
+
+def _flips(rng, step, batch):
+  """The rows a train step at `step` with base key `rng` mirrors, [batch]."""
+  return np.asarray(jax.random.bernoulli(jax.random.fold_in(
+      jax.random.fold_in(rng, step), data.FLIP_STREAM), 0.5, (batch,)))
+
+
+def test_random_flip_mirrors_the_rows_its_key_selects_on_any_mesh():
+  """Rows chosen by a Bernoulli [B] of fold_in(rng, FLIP_STREAM), mirrored
+  along W; sharded over 8 devices the same rows flip (one draw over the
+  global batch, not one per device)."""
+  images = np.random.default_rng(0).integers(0, 256, (16, 4, 5, 2),
+                                             dtype=np.uint8)
+  rng = jax.random.key(3)
+  flips = np.asarray(jax.random.bernoulli(
+      jax.random.fold_in(rng, data.FLIP_STREAM), 0.5, (16,)))
+  assert 0 < flips.sum() < 16
+  want = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+  np.testing.assert_array_equal(data.random_flip(images, rng), want)
+  mesh = parallel.make_mesh(8)
+  got = jax.jit(data.random_flip)(parallel.shard_host_array(images, mesh),
+                                  parallel.replicate(rng, mesh))
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("experiment,overrides", [
+    ("dcgan.py", {"gan.ema_warmup": False}),
+    ("ddpm.py", {"model.channels": 8, "model.multipliers": "(1,)",
+                 "model.num_res_blocks": 1,
+                 "model.attention_resolutions": "()",
+                 "diffusion.ema_warmup": False, "diffusion.ema_decay": 0.9}),
+    ("vae_mlp.py", {}),
+])
+def test_train_step_flips_the_rows_its_key_selects(idx_dir, experiment,
+                                                    overrides):
+  """With data.random_flip the step equals the step without it on the batch
+  whose selected rows (`_flips`) were mirrored by hand, and differs from the
+  step on the batch as it is. The GAN and diffusion configs here have no EMA
+  warm-up: the step's ema_decay is the configured decay from step 0."""
+  steps, configs = {}, {}
+  for flip in (True, False):
+    configs[flip] = tiny_config(idx_dir, experiment, **overrides, **{
+        "data.random_flip": flip, "batch_size": 8})
+    steps[flip] = jax.jit(train.family_module(configs[flip]).bind_train_step(
+        configs[flip]))
+  state = jax.device_get(train.init_state(
+      configs[True], parallel.make_mesh(1), jax.random.key(0), 4))
+  images = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1),
+                                             dtype=np.uint8)
+  labels = np.arange(8, dtype=np.int32)
+  rng = jax.random.key(1)
+  flips = _flips(rng, 0, 8)
+  assert 0 < flips.sum() < 8
+  by_hand = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+  run = lambda flip, x: jax.device_get(steps[flip](
+      state, {"image": x, "label": labels}, rng))
+  (flipped, m_flipped), (want, m_want), (plain, m_plain) = (
+      run(True, images), run(False, by_hand), run(False, images))
+  for name in m_want:
+    assert float(m_flipped[name]) == pytest.approx(
+        float(m_want[name]), rel=1e-5, abs=1e-6), name
+  for a, b in zip(jax.tree.leaves(flipped), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The new state (a UNet's loss at init does not depend on the images:
+  # its last layer starts at zero).
+  assert any(not np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(
+      jax.tree.leaves(flipped), jax.tree.leaves(plain)))
+  if "ema_decay" in m_want:  # 0.1 with the warm-up.
+    decay = float(m_want["ema_decay"])
+    ema_decay = (configs[True].gan if configs[True].family == "gan"
+                 else configs[True].diffusion).ema_decay
+    assert decay == pytest.approx(ema_decay, rel=1e-7)
+    if configs[True].family == "diffusion":
+      jax.tree.map(lambda e, p0, p: np.testing.assert_allclose(
+          e, decay * p0 + (1 - decay) * p, rtol=1e-5, atol=1e-7),
+                   want.ema_params, state.ema_params, want.params)

@@ -1,6 +1,7 @@
 """Every experiment config on every data set it accepts, in both variants;
 the non-default data sets run end to end on TFDS mock data of their shapes."""
 
+import functools
 import json
 import os
 
@@ -9,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from genimg_jax import config as config_lib, data, train
+from genimg_jax import config as config_lib, data, optim, train
 from conftest import REPO, tiny_config
 from experiments import common
 
@@ -55,9 +56,65 @@ def test_every_data_set_and_variant(experiment):
       # FID needs a feature network for these images.
       assert bool(config.get("eval_samples")) == bool(
           config.get("feature_network", ""))
+      if config.family != "classifier":  # Today's reference: the eval split.
+        assert config.eval_reference_split == config.data.eval_split == "test"
     assert _train_steps(full, 50000) > _train_steps(local, 50000)
     # Only the offline default reads IDX files; the rest come through TFDS.
     assert bool(local.data.idx_dir) == (dataset == "fashion_mnist")
+
+
+# DDPM's CIFAR-10 training (Ho et al. 2020, Appendix B, and its released
+# code: TensorFlow's Adam defaults).
+DDPM_CIFAR10 = {
+    "optimizer.name": "adam",
+    "optimizer.learning_rate": 2e-4,
+    "optimizer.schedule": "constant",  # After the warm-up.
+    "optimizer.warmup_steps": 5000,
+    "optimizer.b1": 0.9,
+    "optimizer.b2": 0.999,
+    "optimizer.weight_decay": 0.0,
+    "optimizer.grad_clip": 1.0,
+    "batch_size": 128,
+    "num_steps": 800000,
+    "model.dropout_rate": 0.1,
+    "diffusion.ema_decay": 0.9999,
+    "diffusion.ema_warmup": False,
+    "data.random_flip": True,
+}
+
+
+@pytest.mark.parametrize("experiment", ["ddpm.py", "flow.py"])
+def test_cifar10_full_trains_as_ddpm(experiment):
+  """Every field of DDPM's CIFAR-10 set-up, and the learning rate and EMA
+  decay that the step then uses: 0 -> 2e-4 over 5,000 steps, 0.9999 from
+  step 0."""
+  config = _load(experiment, "cifar10,full")
+  got = {k: functools.reduce(lambda node, name: node[name], k.split("."),
+                             config) for k in DDPM_CIFAR10}
+  # {field: (this config's, DDPM's)} where they differ.
+  assert {k: (v, DDPM_CIFAR10[k]) for k, v in got.items()
+          if v != DDPM_CIFAR10[k]} == {}
+  lr = optim.learning_rate_schedule(config.optimizer, config.num_steps)
+  assert [float(lr(s)) for s in (0, 2500, 5000, 799999)] == pytest.approx(
+      [0.0, 1e-4, 2e-4, 2e-4])
+  assert float(optim.ema_decay_at(0, config.diffusion.ema_decay,
+                                  config.diffusion.ema_warmup)) == (
+                                      pytest.approx(0.9999))
+
+
+def test_random_flip_only_in_full_variants_of_mirrorable_data():
+  """Objects and faces, not digits or clothing, and not on CPU-sized runs;
+  classifiers flip through augment_flip instead."""
+  for experiment in EXPERIMENTS:
+    for dataset in common.DATASETS:
+      for variant in common.VARIANTS:
+        try:
+          config = _load(experiment, f"{dataset},{variant}")
+        except config_lib.ConfigError:
+          continue  # Needs labels.
+        want = (variant == "full" and dataset in ("cifar10", "celeb_a64")
+                and config.family != "classifier")
+        assert config.data.random_flip == want, (experiment, dataset, variant)
 
 
 def test_bad_config_argument_lists_choices():

@@ -45,40 +45,105 @@ def test_generator_parameter_shapes_match_the_dcgan():
   }
 
 
+# Logits away from every point where plausible wrong formulas agree (0, +-1,
+# real = -fake, equal magnitudes): a D that is right on some examples and
+# wrong on others, hinge margins active on some and not on others.
+_REAL = np.array([1.7, -0.4, 0.3, 2.6])
+_FAKE = np.array([-1.3, 0.9, 2.2, -0.6])
+
+
+def _softplus(x):
+  return np.log1p(np.exp(x))
+
+
 def test_losses_known_values():
-  zero = jnp.zeros(4)
-  np.testing.assert_allclose(gan.discriminator_loss("non_saturating", zero,
-                                                    zero), 2 * np.log(2),
-                             rtol=1e-6)
-  np.testing.assert_allclose(gan.generator_loss("non_saturating", zero),
-                             np.log(2), rtol=1e-6)
-  real, fake = jnp.array([2.0, 0.5]), jnp.array([-2.0, 0.5])
-  np.testing.assert_allclose(gan.discriminator_loss("hinge", real, fake),
-                             [0.0, 0.5 + 1.5])
-  np.testing.assert_allclose(gan.discriminator_loss("least_squares", real,
-                                                    fake), [0.5 + 2.0,
-                                                            0.125 + 0.125])
-  np.testing.assert_allclose(gan.discriminator_loss("wgan_gp", real, fake),
-                             [-4.0, 0.0])
-  np.testing.assert_allclose(gan.generator_loss("hinge", fake), [2.0, -0.5])
+  """Every loss against its formula written out in numpy (Goodfellow et
+  al.'s non-saturating loss, the hinge loss of Lim & Ye / Miyato et al.,
+  least squares with targets a=0, b=c=1 of Mao et al., and WGAN's critic),
+  per example; the tests below check that the inputs tell apart the
+  formulas one slip away."""
+  real, fake = jnp.asarray(_REAL), jnp.asarray(_FAKE)
+  want_d = {
+      # -log sigmoid(r) - log(1 - sigmoid(f)).
+      "non_saturating": (-np.log(1 / (1 + np.exp(-_REAL)))
+                         - np.log(1 - 1 / (1 + np.exp(-_FAKE)))),
+      "hinge": np.maximum(0, 1 - _REAL) + np.maximum(0, 1 + _FAKE),
+      "least_squares": 0.5 * (_REAL - 1) ** 2 + 0.5 * _FAKE ** 2,
+      "wgan_gp": _FAKE - _REAL,
+  }
+  want_g = {
+      "non_saturating": -np.log(1 / (1 + np.exp(-_FAKE))),  # -log D(G(z)).
+      "hinge": -_FAKE,
+      "least_squares": 0.5 * (_FAKE - 1) ** 2,
+      "wgan_gp": -_FAKE,
+  }
+  assert set(want_d) == set(gan.LOSSES)
+  for kind in gan.LOSSES:
+    np.testing.assert_allclose(gan.discriminator_loss(kind, real, fake),
+                               want_d[kind], rtol=1e-6, err_msg=kind)
+    np.testing.assert_allclose(gan.generator_loss(kind, fake), want_g[kind],
+                               rtol=1e-6, err_msg=kind)
   with pytest.raises(ValueError, match="Unknown GAN loss"):
     gan.generator_loss("minimax", fake)
+  with pytest.raises(ValueError, match="Unknown GAN loss"):
+    gan.discriminator_loss("minimax", real, fake)
+
+
+def test_loss_inputs_tell_plausible_wrong_formulas_apart():
+  """Each formula one slip away from a right one gives, at _REAL/_FAKE,
+  values off by more than 1e-3 on some example, so the known-value test
+  above fails for it."""
+  r, f = _REAL, _FAKE
+  pairs = {
+      "ns_d": (_softplus(-r) + _softplus(f), [
+          _softplus(r) + _softplus(-f),           # Labels swapped.
+          _softplus(-r) + _softplus(-f),          # Fake labelled real.
+          _softplus(-r) - _softplus(-f)]),        # Minimax's sign.
+      "ns_g": (_softplus(-f), [
+          -_softplus(f),                          # Saturating minimax.
+          _softplus(f), np.log(2) - f / 2]),      # Wrong sign; linearised.
+      "hinge_d": (np.maximum(0, 1 - r) + np.maximum(0, 1 + f), [
+          np.maximum(0, 1 + r) + np.maximum(0, 1 - f),
+          np.maximum(0, -r) + np.maximum(0, f),   # No margin.
+          (1 - r) + (1 + f)]),                    # No ReLU.
+      "hinge_g": (-f, [np.maximum(0, 1 - f), f]),
+      "ls_d": (0.5 * (r - 1) ** 2 + 0.5 * f ** 2, [
+          (r - 1) ** 2 + f ** 2,                  # No 1/2.
+          0.5 * (r - 1) ** 2 + 0.5 * (f + 1) ** 2,  # Targets -1, 1.
+          0.5 * r ** 2 + 0.5 * (f - 1) ** 2]),    # Targets swapped.
+      "ls_g": (0.5 * (f - 1) ** 2, [
+          0.5 * f ** 2,                           # Target 0 (c = 0).
+          (f - 1) ** 2, 0.5 * (f + 1) ** 2]),
+      "wgan_d": (f - r, [r - f, f + r]),
+      "wgan_g": (-f, [f, r - f]),
+  }
+  for name, (right, wrongs) in pairs.items():
+    for i, wrong in enumerate(wrongs):
+      assert np.max(np.abs(right - wrong)) > 1e-3, (name, i)
 
 
 def test_gradient_penalty_against_a_direct_computation():
   """A quadratic critic D(x) = 0.5 sum(w x^2): grad D(x) = w x depends on x,
-  so the penalty is only right at the per-example interpolates."""
+  so the penalty is only right at the per-example interpolates. The
+  gradient norms straddle 1 (1.14, then four in 0.70-0.89), so a one-sided
+  penalty max(0, ||g|| - 1)^2, ||g||^2 - 1 or a missing -1 fail too."""
   w = jax.random.uniform(jax.random.key(0), (6, 6, 1), minval=0.5, maxval=2.)
   d_fn = lambda x: 0.5 * jnp.sum(w * x ** 2, axis=(1, 2, 3))
-  real = jax.random.normal(jax.random.key(1), (5, 6, 6, 1))
-  fake = 3.0 + jax.random.normal(jax.random.key(2), (5, 6, 6, 1))
+  real = 0.1 * jax.random.normal(jax.random.key(1), (5, 6, 6, 1))
+  fake = 0.1 * (1.0 + jax.random.normal(jax.random.key(2), (5, 6, 6, 1)))
   key = jax.random.key(3)
   gp = gan.gradient_penalty(d_fn, real, fake, key)
   eps = np.asarray(jax.random.uniform(key, (5, 1, 1, 1)))  # The draw used.
   assert len(np.unique(eps)) == 5                           # Per example.
   x_hat = eps * np.asarray(real) + (1 - eps) * np.asarray(fake)
   norms = np.sqrt(np.sum((np.asarray(w) * x_hat) ** 2, axis=(1, 2, 3)))
-  np.testing.assert_allclose(gp, np.mean((norms - 1.0) ** 2), rtol=1e-5)
+  assert np.sum(norms > 1) == 1 and np.all(norms > 0.6)
+  want = np.mean((norms - 1.0) ** 2)
+  np.testing.assert_allclose(gp, want, rtol=1e-5)
+  for wrong in (np.mean(np.maximum(0, norms - 1) ** 2),
+                np.mean(norms ** 2 - 1), np.mean(norms ** 2),
+                (np.sqrt(np.sum(norms ** 2)) - 1) ** 2):  # Batch-wide norm.
+    assert abs(wrong - want) > 1e-3 * want
 
 
 def _tiny_gan(idx_dir, **overrides):
@@ -142,7 +207,7 @@ def _run_steps(config, num_devices, num_steps=3, seed=0):
 
 
 @pytest.mark.parametrize("overrides", [
-    {},
+    {"data.random_flip": True},  # The same rows flip on 1 and 8 devices.
     # SGD: Adam with b1 = 0 moves every weight by +-lr whatever the size of
     # its gradient, so near-zero gradients' rounding signs (BatchNorm biases
     # over 8 examples) would decide whole updates.
@@ -299,19 +364,22 @@ def test_real_and_fake_passes_draw_their_own_dropout_masks(idx_dir,
     assert gap < 1e-5
 
 
-def test_ema_follows_its_formula(idx_dir):
-  """ema_t = d_t ema_{t-1} + (1 - d_t) params_t, d_t = min(0.999,
-  (1 + t) / (10 + t)), from ema_0 = the initial parameters."""
-  config = _tiny_gan(idx_dir)
+@pytest.mark.parametrize("ema_warmup", [True, False])
+def test_ema_follows_its_formula(idx_dir, ema_warmup):
+  """ema_t = d_t ema_{t-1} + (1 - d_t) params_t from ema_0 = the initial
+  parameters, d_t = min(0.999, (1 + t) / (10 + t)) with gan.ema_warmup,
+  else 0.999; the step logs d_t as ema_decay."""
+  config = _tiny_gan(idx_dir, **{"gan.ema_warmup": ema_warmup})
   mesh = parallel.make_mesh(1)
   state = train.init_state(config, mesh, jax.random.key(0), 10)
   step = train.compile_train_step(config, mesh)
   expected = jax.device_get(state.g.params)
   batch = _fixed_batch(config)
   for t in range(3):
-    state, _ = step(state, batch, jax.random.key(1))
+    state, metrics = step(state, batch, jax.random.key(1))
     params = jax.device_get(state.g.params)
-    decay = min(0.999, (1 + t) / (10 + t))
+    decay = min(0.999, (1 + t) / (10 + t)) if ema_warmup else 0.999
+    assert float(metrics["ema_decay"]) == pytest.approx(decay, rel=1e-6)
     expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                             expected, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
@@ -395,6 +463,57 @@ def test_spectral_norm_sigma_is_the_largest_singular_value():
     # are close (the embedding: 0.2% off after 60 calls); a wrong norm (the
     # Frobenius norm, a stale u) is off by far more.
     assert float(sigma) == pytest.approx(top, rel=1e-2), name
+
+
+def _np_spectral_normalised(w, u_1O):
+  """W / sigma as flax's SpectralNorm computes it at every call, in float64
+  numpy: W as a matrix [-1, O], one power iteration from the stored u
+  (v = unit(u W^T), u' = unit(v W)), sigma = v W u'^T."""
+  m = np.asarray(w, np.float64).reshape(-1, w.shape[-1])
+  unit = lambda a: a / np.sqrt(np.sum(a * a) + 1e-12)
+  v = unit(np.asarray(u_1O, np.float64) @ m.T)
+  u = unit(v @ m)
+  return np.asarray(w, np.float64) / (v @ m @ u.T)[0, 0]
+
+
+def test_spectral_norm_divides_every_layer_by_its_sigma():
+  """A spectrally normalised projection D at inference equals the plain D
+  whose every kernel and class embedding is divided by its sigma from one
+  power iteration on the stored u (W / sigma, not W / sigma^2 or W, in
+  every layer)."""
+  kwargs = dict(num_classes=10, dropout_rate=0.0)
+  d_sn = gan.Discriminator(spectral_norm=True, **kwargs)
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  labels = jnp.array([3, 7, 0, 3])
+  variables = d_sn.init(jax.random.key(1), x, labels, train=False)
+  # Initial sigmas sit near 1 (LeCun init: the Dense(1) kernel's norm is
+  # about 1), where dividing by sigma changes little: scale each weight.
+  params = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  for name, factor in (("Conv_0/kernel", 3.0), ("Conv_1/kernel", 0.4),
+                       ("Dense_0/kernel", 2.5), ("Embed_0/embedding", 0.3)):
+    params[name] = params[name] * factor
+  variables = {"params": flax.traverse_util.unflatten_dict(params, sep="/"),
+               "batch_stats": variables["batch_stats"]}
+  for _ in range(3):
+    _, updated = d_sn.apply(variables, x, labels, train=True,
+                            mutable=["batch_stats"])
+    variables = {**variables, **updated}
+  got = d_sn.apply(variables, x, labels, train=False)
+  stats = _spectral_norm_layers(variables)
+  assert sorted(stats) == ["Conv_0/kernel", "Conv_1/kernel",
+                           "Dense_0/kernel", "Embed_0/embedding"]
+  normalised = dict(params)
+  for name, (_, u) in stats.items():
+    normalised[name] = _np_spectral_normalised(params[name], u)
+    sigma = np.max(np.abs(params[name])) / np.max(np.abs(normalised[name]))
+    assert abs(sigma - 1) > 0.3, name
+  plain = gan.Discriminator(**kwargs)
+  want = plain.apply(
+      {"params": flax.traverse_util.unflatten_dict(normalised, sep="/")}, x,
+      labels, train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  raw = plain.apply({"params": variables["params"]}, x, labels, train=False)
+  assert np.max(np.abs(raw - want)) > 0.1 * np.max(np.abs(want))
 
 
 def test_spectral_norm_state_moves_only_in_discriminator_updates(idx_dir):

@@ -96,6 +96,34 @@ def test_features_and_logits_equal_pytorch_fid(torch_network, converted,
       torch_pool).max()
 
 
+def test_inception_score_path_uses_the_unbiased_logits(torch_network,
+                                                      converted):
+  """`feature_network=inception:FILE` measures with pool @ fc weight, no fc
+  bias (improved-gan's and torch-fidelity's "logits_unbiased"), and scores
+  them as the Inception Score (keys inception_score and its std)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from genimg_jax import parallel  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({
+      "feature_network": "inception:" + converted[0],
+      "data": {"image_shape": (28, 28, 1)}})
+  network = quality.feature_network_for_config(config, parallel.make_mesh())
+  assert network.score == "inception" and network.name == "inception"
+  images = np.random.default_rng(7).integers(0, 256, (2, 28, 28, 1),
+                                             dtype=np.uint8)
+  pool, logits = network(images)
+  torch_pool, torch_logits = torch_outputs(torch_network, images)
+  unbiased = torch_pool @ torch_network[1].weight.detach().numpy().T
+  tolerance = 2e-4 * np.abs(unbiased).max()
+  np.testing.assert_allclose(pool, torch_pool, rtol=0,
+                             atol=2e-4 * np.abs(torch_pool).max())
+  np.testing.assert_allclose(logits, unbiased, rtol=0, atol=tolerance)
+  # The fc bias is large enough here for the test to see it.
+  assert np.abs(torch_logits - unbiased).max() > 10 * tolerance
+  assert network.feature_dim((28, 28, 1)) == 2048
+  assert set(network.scores(np.tile(logits, (5, 1)))) == {
+      "inception_score", "inception_score_std"}
+
+
 def test_converter_records_checksums_and_rejects_corruption(torch_network,
                                                             converted,
                                                             tmp_path):

@@ -11,8 +11,8 @@ import pytest
 import scipy.linalg
 
 from genimg_jax import classifier, cli, data, images as images_lib, parallel
-from genimg_jax import quality, train
-from conftest import tiny_config
+from genimg_jax import config as config_lib, quality, train
+from conftest import tiny_config, write_idx_dir
 
 
 def _scipy_frechet(mu1, s1, mu2, s2):
@@ -61,6 +61,67 @@ def test_classifier_score_limits():
   one_class = np.tile(np.eye(k)[3], (100, 1))
   assert quality.classifier_score(one_class) == pytest.approx(1.0)
   assert quality.classifier_score(np.full((50, k), 1 / k)) == pytest.approx(1)
+
+
+def _improved_gan_inception_score(logits, splits=10):
+  """openai/improved-gan's `inception_score/model.py` after its softmax
+  (there `softmax(pool_3 @ W)`), written out in float64 numpy."""
+  x = np.asarray(logits, np.float64)
+  preds = np.exp(x - x.max(1, keepdims=True))
+  preds /= preds.sum(1, keepdims=True)
+  scores = []
+  for i in range(splits):
+    part = preds[(i * preds.shape[0] // splits):
+                 ((i + 1) * preds.shape[0] // splits), :]
+    kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+    kl = np.mean(np.sum(kl, 1))
+    scores.append(np.exp(kl))
+  return np.mean(scores), np.std(scores)
+
+
+def _skewed_logits(rng, n, k=1008):
+  """Logits whose splits score differently: a few dominant classes, scale
+  varying by row, so neither the marginal nor the scores are uniform."""
+  prior = np.linspace(3.0, -3.0, k)
+  scale = rng.uniform(0.5, 4.0, (n, 1))
+  return (scale * rng.normal(size=(n, k)) + prior).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [1000, 1003, 999])
+def test_inception_score_equals_improved_gans_formula(n):
+  """10 splits, mean and population std over them, every row used: split s
+  holds rows [s n // 10, (s + 1) n // 10) (1003 rows: splits of 100 and 101,
+  as improved-gan and torch-fidelity cut them)."""
+  logits = _skewed_logits(np.random.default_rng(n), n)
+  mean, std = quality.inception_score(logits)
+  want_mean, want_std = _improved_gan_inception_score(logits)
+  assert mean == pytest.approx(want_mean, rel=1e-10)
+  assert std == pytest.approx(want_std, rel=1e-8)
+  # The test can tell the plausible wrong protocols apart: one split, the
+  # remainder dropped (splits of n // 10), a bias added to the logits.
+  assert 1.5 < mean < 500 and std > 1e-3 * mean
+  one_split = _improved_gan_inception_score(logits, splits=1)[0]
+  assert abs(one_split - mean) > 1e-3 * mean
+  biased = _improved_gan_inception_score(
+      logits + np.random.default_rng(0).normal(0, 0.3, logits.shape[1]))[0]
+  assert abs(biased - mean) > 1e-4 * mean
+  if n % 10:
+    cut = n // 10 * 10
+    dropped = _improved_gan_inception_score(logits[:cut])
+    assert abs(dropped[0] - mean) > 1e-6 * mean or abs(
+        dropped[1] - std) > 1e-4 * std
+
+
+def test_inception_score_limits_and_inputs():
+  """Confident and evenly covering K classes: K, std 0; one class: 1."""
+  k = 8
+  confident = 50.0 * np.eye(k)[np.arange(400) % k]
+  assert quality.inception_score(confident) == pytest.approx((k, 0.0),
+                                                             abs=1e-9)
+  assert quality.inception_score(np.tile(confident[3], (40, 1)))[0] == (
+      pytest.approx(1.0))
+  with pytest.raises(ValueError, match="N >= splits = 10"):
+    quality.inception_score(np.zeros((9, 3)))
 
 
 def _pixel_network(channels, batch_size):
@@ -129,6 +190,32 @@ def test_score_known_answer_through_the_whole_metric_path():
   assert metrics(uneven)["score"] == pytest.approx(4 / 3 ** 0.75, rel=1e-6)
 
 
+def test_inception_score_through_the_whole_metric_path():
+  """A network with score="inception" reports inception_score and its std
+  (not "score") from its logits, cut into 10 splits in sample order: 37
+  images in chunks of 16 (padded), splits of 3 and 4 rows."""
+  base = _pixel_network(4, batch_size=16)
+  network = quality.FeatureNetwork(base.features_and_logits, base.variables,
+                                   base.mesh, 16, score="inception")
+  rng = np.random.default_rng(0)
+  fake = rng.integers(0, 4, (37, 1, 1, 4)).astype(np.uint8)
+  fake[:, 0, 0, 0] += 2 * (np.arange(37) >= 20).astype(np.uint8)
+  metrics = quality.QualityMetrics(network, _cube([100, 100, 100, 100], 10,
+                                                  1))(fake)
+  logits = fake[:, 0, 0, :].astype(np.float64) / math.sqrt(1 + 1e-5)
+  want = _improved_gan_inception_score(logits)
+  assert "score" not in metrics
+  assert metrics["inception_score"] == pytest.approx(want[0], rel=1e-6)
+  assert metrics["inception_score_std"] == pytest.approx(want[1], rel=1e-5)
+  assert want[1] > 0.01  # The splits differ: their order matters.
+  # The same network as a classifier: one split, key "score".
+  classifier_metrics = quality.QualityMetrics(
+      base, _cube([100, 100, 100, 100], 10, 1))(fake)
+  assert "inception_score" not in classifier_metrics
+  assert classifier_metrics["score"] == pytest.approx(
+      _improved_gan_inception_score(logits, splits=1)[0], rel=1e-6)
+
+
 def test_feature_network_matches_the_model_on_the_whole_array():
   """Sharding over the 8-device mesh, chunking (16, 16, then 5 padded to 16)
   and the removal of the padding give, image by image, what the flax model
@@ -147,14 +234,14 @@ def test_feature_network_matches_the_model_on_the_whole_array():
   network = quality.FeatureNetwork(quality.resnet_features_and_logits(model),
                                    variables, parallel.make_mesh(),
                                    batch_size=16)
-  features, probs = network(images)
+  features, logits = network(images)
   x = classifier.to_float(images)
   apply = jax.jit(model.apply, static_argnames="features")
   want_features = apply(variables, x, features=True)
-  want_probs = jax.nn.softmax(apply(variables, x))
-  assert features.shape == (37, 8) and probs.shape == (37, 10)
+  want_logits = apply(variables, x)
+  assert features.shape == (37, 8) and logits.shape == (37, 10)
   np.testing.assert_allclose(features, want_features, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(probs, want_probs, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5)
   # Any two images' features differ by over 5x the tolerance (features are
   # under 1): a misordered row would show.
   assert np.max(np.abs(want_features)) < 1
@@ -165,11 +252,11 @@ def test_feature_network_matches_the_model_on_the_whole_array():
 def test_shipped_feature_network_loads_and_classifies():
   network = quality.load_feature_network(parallel.make_mesh())
   images = data.load_idx_split(data.DEBIAN_FASHION_MNIST, "test").images
-  features, probs = network(images[:1000])
+  features, logits = network(images[:1000])
   assert features.shape == (1000, 64)  # 4 x the shipped ResNet width 16.
-  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+  assert network.score == "classifier" and logits.shape == (1000, 10)
   labels = data.load_idx_split(data.DEBIAN_FASHION_MNIST, "test").labels
-  assert np.mean(probs.argmax(1) == labels[:1000]) > 0.9
+  assert np.mean(logits.argmax(1) == labels[:1000]) > 0.9
 
 
 def test_corrupt_feature_network_is_refused(tmp_path):
@@ -194,8 +281,8 @@ def test_export_features_then_use_it_for_fid(tmp_path, idx_dir, capsys):
   assert meta["sha256"] == quality.file_sha256(net)
   network = quality.load_feature_network(parallel.make_mesh(), net,
                                          (28, 28, 1))
-  features, probs = network(np.zeros((16, 28, 28, 1), np.uint8))
-  assert features.shape == (16, 4) and probs.shape == (16, 10)  # 1 stage.
+  features, logits = network(np.zeros((16, 28, 28, 1), np.uint8))
+  assert features.shape == (16, 4) and logits.shape == (16, 10)  # 1 stage.
   with pytest.raises(ValueError, match=r"takes images of shape \(28, 28, 1\)"):
     quality.load_feature_network(parallel.make_mesh(), net, (32, 32, 3))
   gan_config = tiny_config(idx_dir, "dcgan.py", num_steps=1,
@@ -221,9 +308,11 @@ def test_export_features_then_use_it_for_fid(tmp_path, idx_dir, capsys):
   gan_dir = str(tmp_path / "gan")
   with_stats = train.evaluate_workdir(gan_dir, [f"fid_stats={stats}"])
   assert with_stats["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
+  assert with_stats["kid"] == pytest.approx(metrics["kid"], rel=1e-6)
   np.savez(stats, mu=want_mu + 1.0, sigma=want_sigma)  # pytorch-fid's keys.
   shifted = train.evaluate_workdir(gan_dir, [f"fid_stats={stats}"])
   assert shifted["fid"] > metrics["fid"] + 1.0
+  assert "kid" not in shifted and "precision" not in shifted  # Other set?
   np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
   with pytest.raises(ValueError, match="3 features do not fit"):
     train.evaluate_workdir(gan_dir, [f"fid_stats={stats}"])
@@ -239,8 +328,13 @@ def test_export_refuses_a_generative_workdir(tmp_path, idx_dir, capsys):
 
 
 def test_fid_without_feature_network_says_what_to_do(idx_dir):
-  config = tiny_config(idx_dir, "dcgan.py", eval_samples=16,
-                       feature_network="")
+  with pytest.raises(config_lib.ConfigError,
+                     match="eval_samples=16: an FID needs a feature network"):
+    tiny_config(idx_dir, "dcgan.py", eval_samples=16, feature_network="")
+  # A config built in code, not validated: the evaluator still says so.
+  config = tiny_config(idx_dir, "dcgan.py")
+  with config.unlocked():
+    config.eval_samples, config.feature_network = 16, ""
   with pytest.raises(ValueError, match="needs config.feature_network"):
     quality.metrics_for_config(config, parallel.make_mesh(), data.ArraySource(
         np.zeros((16, 28, 28, 1), np.uint8), np.zeros(16, np.int32)))
@@ -287,6 +381,95 @@ def test_quality_metrics_keep_the_real_radii_across_evaluations():
   with pytest.raises(ValueError, match="real_radii_sq_N must have shape"):
     quality.precision_recall(network(real)[0], network(fakes[0])[0],
                              real_radii_sq_N=np.ones(59))
+
+
+def _untrained_feature_network(path, idx_dir):
+  """A saved ResNet of width 4 (4 features), fresh from init."""
+  config = tiny_config(idx_dir, "resnet.py", **{
+      "model.width": 4, "model.blocks_per_stage": "(1,)"})
+  state = classifier.create_train_state(config, jax.random.key(0), 1)
+  quality.save_feature_network(state, config.model, path)
+
+
+def test_reference_split_selects_the_real_images(tmp_path):
+  """config.eval_reference_split picks the split whose images are the
+  reference features (train: 48 images, test: 40); "eval" and configs
+  without the field use data.eval_split, today's reference."""
+  idx = str(tmp_path / "idx")
+  train_split, test_split = write_idx_dir(idx, num_train=48, num_test=40)
+  net = str(tmp_path / "net.msgpack")
+  _untrained_feature_network(net, idx)
+  mesh = parallel.make_mesh()
+  network = quality.load_feature_network(mesh, net)
+  config = tiny_config(idx, "dcgan.py", eval_samples=16, feature_network=net)
+  assert config.eval_reference_split == "test" == config.data.eval_split
+  eval_source = data.load_split(config.data, config.data.eval_split)
+  for choice, want in (("test", test_split), ("train", train_split),
+                       ("eval", test_split)):
+    config.eval_reference_split = choice
+    metric = quality.metrics_for_config(config, mesh, eval_source)
+    np.testing.assert_allclose(metric.real_features,
+                               network(want.images)[0], rtol=1e-6)
+  with config.unlocked():
+    del config.eval_reference_split  # A config.json of an older run.
+  assert quality.reference_split(config) == "test"
+  with config.unlocked():
+    config.eval_reference_split = "validation"
+  with pytest.raises(ValueError, match="eval_reference_split must be one"):
+    quality.metrics_for_config(config, mesh, eval_source)
+
+
+def test_fid_stats_turn_kid_and_precision_recall_off_unless_same_set(
+    tmp_path, capsys):
+  """With config.fid_stats, KID and precision/recall are computed only
+  against the very images the statistics came from (`genimg fid-stats`
+  records their split, count and SHA-256); otherwise they are off and a line
+  says why. FID uses the file's statistics either way."""
+  idx = str(tmp_path / "idx")
+  train_split, _ = write_idx_dir(idx, num_train=48, num_test=40)
+  net = str(tmp_path / "net.msgpack")
+  _untrained_feature_network(net, idx)
+  mesh = parallel.make_mesh()
+  config = tiny_config(idx, "dcgan.py", eval_samples=16, feature_network=net,
+                       eval_reference_split="train")
+  eval_source = data.load_split(config.data, config.data.eval_split)
+  train_stats = str(tmp_path / "train.npz")
+  written = quality.write_fid_stats(config, mesh, train_stats)
+  assert (written["split"], written["num_images"]) == ("train", 48)
+  assert quality.fid_stats_reference(train_stats) == (
+      quality.reference_identity("train", train_split.images))
+  fake = np.random.default_rng(1).integers(0, 256, (20, 28, 28, 1),
+                                           dtype=np.uint8)
+  plain = quality.metrics_for_config(config, mesh, eval_source)(fake)
+
+  # The same split: FID from the file (equal to the plain one), KID and
+  # precision/recall against the same 48 images.
+  config.fid_stats = train_stats
+  same = quality.metrics_for_config(config, mesh, eval_source)(fake)
+  assert "are off" not in capsys.readouterr().out
+  assert same == pytest.approx(plain, rel=1e-6)
+  assert {"kid", "kid_std", "precision", "recall"} <= set(same)
+
+  def off(why):
+    metrics = quality.metrics_for_config(config, mesh, eval_source)
+    assert metrics.real_features is None  # The real set is not even run.
+    got = metrics(fake)
+    out = capsys.readouterr().out
+    assert "KID and precision/recall are off" in out and why in out, out
+    assert set(got) == {"fid", "score"}
+    assert got["fid"] == pytest.approx(plain["fid"], rel=1e-6)
+
+  config.eval_reference_split = "test"  # Stats of train, reference test.
+  off("comes from 48 images of the 'train' split")
+  config.eval_reference_split = "train"
+  other = str(tmp_path / "other")  # Same split and count, other images.
+  write_idx_dir(other, num_train=48, num_test=40, seed=5)
+  config.data.idx_dir = other
+  off("comes from other images")
+  config.data.idx_dir = idx
+  mu, sigma = quality.load_fid_stats(train_stats)
+  np.savez(train_stats, mu=mu, sigma=sigma)  # pytorch-fid's keys only.
+  off("records no reference set")
 
 
 def test_fid_stats_file_checks(tmp_path):
