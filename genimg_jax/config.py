@@ -248,7 +248,7 @@ def _image_shape(value) -> str | None:
 
 def _ynn_fusion_types(value) -> str | None:
   from genimg_jax import parallel  # pylint: disable=g-import-not-at-top
-  unknown = sorted({t.strip() for t in value.split(",") if t.strip()}
+  unknown = sorted({t.strip() for t in value.lower().split(",") if t.strip()}
                    - set(parallel.YNN_FUSION_TYPES))
   if unknown:
     return (f"unknown YNNPACK fusion types {unknown}: a comma-separated "

@@ -201,6 +201,21 @@ def _wait_for(path, proc, timeout=300):
     time.sleep(0.1)
 
 
+def _stopped_together_at(outputs, workdir, num_steps) -> int:
+  """The step at which both processes said they stopped, checked to be the
+  same on both and the latest checkpoint."""
+  stops = [[line for line in out.splitlines() if "Stopping at step" in line]
+           for out in outputs]
+  assert all(len(s) == 1 for s in stops), outputs[0][-2000:] + outputs[1][
+      -2000:]
+  step = int(stops[0][0].split("Stopping at step ")[1].split(":")[0])
+  assert stops[0] == stops[1] and 2 <= step < num_steps
+  saved = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
+           if n.isdigit()]
+  assert max(saved) == step
+  return step
+
+
 def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, idx_dir):
   workdir = str(tmp_path / "run")
   command = _command("cnn.py", workdir, idx_dir, 400,
@@ -208,15 +223,7 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, idx_dir):
   procs = start_two_processes(command)
   _wait_for(os.path.join(workdir, "checkpoints", "2"), procs[0])
   procs[1].send_signal(signal.SIGTERM)  # Process 0 is not told.
-  outputs = finish(procs)
-  stops = [[line for line in out.splitlines() if "Stopping at step" in line]
-           for out in outputs]
-  assert all(len(s) == 1 for s in stops), outputs[0][-2000:]
-  step = int(stops[0][0].split("Stopping at step ")[1].split(":")[0])
-  assert stops[0] == stops[1] and 2 <= step < 400
-  saved = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
-           if n.isdigit()]
-  assert max(saved) == step
+  step = _stopped_together_at(finish(procs), workdir, 400)
   # The same command resumes from there on both hosts.
   finish(start_two_processes(_command(
       "cnn.py", workdir, idx_dir, step + 2,
@@ -242,14 +249,7 @@ def test_a_notice_delivered_twice_keeps_the_preemption_checkpoint(
     os.killpg(os.getpgid(procs[1].pid), signal.SIGTERM)
   outputs = finish(procs)
   assert not any("exiting without a final checkpoint" in o for o in outputs)
-  stops = [[line for line in out.splitlines() if "Stopping at step" in line]
-           for out in outputs]
-  assert all(len(s) == 1 for s in stops), outputs[1][-2000:]
-  step = int(stops[0][0].split("Stopping at step ")[1].split(":")[0])
-  assert stops[0] == stops[1] and 2 <= step < 400
-  saved = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
-           if n.isdigit()]
-  assert max(saved) == step
+  step = _stopped_together_at(outputs, workdir, 400)
   finish(start_two_processes(_command("cnn.py", workdir, idx_dir, step + 2,
                                       extra)))
   assert _eval_json(workdir)["step"] == step + 2
