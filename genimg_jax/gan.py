@@ -187,8 +187,8 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
                      f"(data.num_classes is {config.data.num_classes}).")
   return Settings(gan.loss, gan.n_critic, gan.gp_weight, gan.ema_decay,
                   gan.z_dim, gan.conditional, gan.skip_nonfinite,
-                  ema_warmup=gan.ema_warmup,
-                  random_flip=config.data.random_flip)
+                  ema_warmup=gan.get("ema_warmup", True),
+                  random_flip=config.data.get("random_flip", False))
 
 
 def make_models(config) -> tuple[Generator, Discriminator]:

@@ -6,11 +6,13 @@ import os
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from genimg_jax import classifier, gan, images as images_lib, parallel
+from genimg_jax import classifier, config as config_lib, gan
+from genimg_jax import images as images_lib, parallel
 from genimg_jax import quality, train
 from conftest import tiny_config
 
@@ -552,3 +554,12 @@ def test_critic_batches_stay_spread_over_all_devices():
   np.testing.assert_array_equal(parts, np.arange(32).reshape(16, 2).T)
   for shard in parts.addressable_shards:  # Every device holds both parts.
     assert shard.data.shape == (2, 2)
+
+
+def test_a_config_saved_before_the_flip_and_ema_warmup_fields_still_loads():
+  """`genimg eval` and `sample` read a workdir's config.json, which runs of
+  earlier versions wrote without gan.ema_warmup and data.random_flip."""
+  saved = json.loads(config_lib.load_config_file("dcgan").to_json())
+  del saved["gan"]["ema_warmup"], saved["data"]["random_flip"]
+  settings = gan.settings_from_config(ml_collections.ConfigDict(saved))
+  assert settings.ema_warmup and not settings.random_flip
