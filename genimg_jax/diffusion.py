@@ -41,7 +41,8 @@ from flax.training import train_state
 
 from genimg_jax import config as config_lib, data, images as images_lib
 from genimg_jax import optim, parallel, quality
-from genimg_jax import samplers, unet
+from genimg_jax import samplers
+from genimg_jax.nets import unet
 
 OBJECTIVES = ("eps", "v", "flow")
 SCHEDULES = ("linear", "cosine")

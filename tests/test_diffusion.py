@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from genimg_jax import config as config_lib, diffusion, parallel, samplers
-from genimg_jax import train, unet
+from genimg_jax import train
+from genimg_jax.nets import unet
 from conftest import REPO, tiny_config
 
 # A UNet that compiles fast (about 40 s on 2 cores), for tests of the step

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genimg_jax import layers
+from genimg_jax.nets import layers
 
 
 def _assert_same_as_flax(ours, flax_layer, x, bias=0.0):

@@ -26,6 +26,7 @@ def test_wheel_runs_bench_and_train_outside_the_source_tree(tmp_path,
   (wheel,) = wheels.glob("genimg_jax-*.whl")
   names = zipfile.ZipFile(wheel).namelist()
   assert "genimg_jax/experiments/ddpm.py" in names
+  assert "genimg_jax/nets/unet.py" in names  # The networks' package.
   assert "genimg_jax/assets/fashion_mnist_resnet.msgpack" in names
   assert not any(n.startswith(("experiments/", "tests/")) for n in names)
 
