@@ -84,6 +84,18 @@ def get_data_config(dataset: str = "fashion_mnist", variant: str = "local"):
   # classifiers augment through config.augment / augment_flip instead.
   # True in the full variants of MIRRORABLE data sets (as DDPM on CIFAR-10).
   data.random_flip = variant == "full" and dataset in MIRRORABLE
+  # Your own images: --config.data.name=folder:PATH (or arrayrecord:PATH from
+  # `genimg prepare`) with --config.data.image_shape=H,W,C. Without train/
+  # and test/ sub-folders, this fraction of the files is held out as "test".
+  data.eval_fraction = 0.05
+  # Each image is scaled to cover image_shape with this PIL filter ("area" is
+  # PIL's BOX; all antialias when they shrink), then cropped: "center" or
+  # "random" (training only; evaluation crops the centre).
+  data.resize_filter = "bicubic"
+  data.crop = "center"
+  # An image that does not decode: an error naming it, or (True) skipped and
+  # counted in the log.
+  data.skip_corrupt = False
   return data
 
 

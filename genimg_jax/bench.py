@@ -259,6 +259,19 @@ def memory_fields(compiled, state, device) -> dict:
           "memory_limit_bytes": stats.get("bytes_limit")}
 
 
+def loader_throughput(source, batch: int, steps: int, mesh,
+                      seed: int = 1) -> float:
+  """Images/s of the input pipeline alone: `steps` global batches of
+  `source` read, decoded, transformed and placed on `mesh` (after one
+  batch of warm-up), with no train step."""
+  batches = data.train_batches(source, batch, seed, 0, steps + 1, mesh)
+  jax.block_until_ready(next(batches)[1])
+  start = time.perf_counter()
+  for _, b in batches:
+    jax.block_until_ready(b)
+  return steps * batch / (time.perf_counter() - start)
+
+
 def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
               dtype: str = "float32", devices: int = 0,
               input_pipeline: str = "synthetic",
@@ -286,8 +299,10 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   # passes (`flops_of`): the same count on CPU, GPU and TPU.
   flops = flops_of(lowered)
 
+  loader_images_per_s = None
   if input_pipeline == "real":
     source = data.load_split(config.data, "train")
+    loader_images_per_s = loader_throughput(source, batch, steps, mesh)
     batches = (b for _, b in data.train_batches(
         source, batch, 0, 0, warmup + steps, mesh))
   else:
@@ -320,6 +335,7 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
       "model": model, "batch": batch, "devices": int(mesh.devices.size),
       "overrides": list(overrides),
       "device_kind": device.device_kind, "platform": device.platform,
+      "jax_version": jax.__version__, "host_cpus": os.cpu_count(),
       "dtype": dtype, "float32_matmul": matmul, "input": input_pipeline,
       "compile_s": compile_s, "step_ms_median": 1e3 * median,
       "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
@@ -330,6 +346,8 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
       "fraction_of_peak": flops / median / peak,
       **memory,
   }
+  if loader_images_per_s is not None:
+    record["loader_images_per_s"] = loader_images_per_s
   if trace_dir:
     record["profile_dir"] = trace_dir
     record["top_ops"] = top_ops(trace_dir, compiled.as_text(), steps,
@@ -360,6 +378,11 @@ def format_table(records: list[dict]) -> str:
         f"{r['images_per_s']:9.0f} {r['flops_per_step'] / 1e9:10.3f} "
         f"{100 * r['fraction_of_peak']:6.1f} "
         f"{r.get('scaling_efficiency', 1.0):7.2f}")
+  loaders = [r for r in records if r.get("loader_images_per_s")]
+  if loaders:
+    lines.append("input pipeline alone (read, decode, transform, to device):")
+    lines += [f"  {r['model']} batch {r['batch']}: "
+              f"{r['loader_images_per_s']:.0f} images/s" for r in loaders]
   return "\n".join(lines)
 
 

@@ -10,6 +10,8 @@
       --output inception.msgpack
   genimg fid-stats --config experiments/dcgan.py:cifar10 --output s.npz \
       [--config.feature_network=inception:inception.msgpack]
+  genimg prepare --input FOLDER --output DIR   # ArrayRecord shards
+  genimg export-images --config dcgan --output FOLDER [--limit N]
   genimg compile --config experiments/ddpm.py [--topology v5e:4x4]
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8] \
       [--config.xla_cpu_ynn_fusions=false]
@@ -120,6 +122,30 @@ def _parser():
   stats.add_argument("--config", required=True,
                      help="an experiments/*.py file or a config name")
   stats.add_argument("--output", required=True, help="FILE.npz")
+  prepare = sub.add_parser(
+      "prepare", help="write an image folder as ArrayRecord shards for "
+                      "--config.data.name=arrayrecord:OUTPUT")
+  prepare.add_argument("--input", required=True,
+                       help="an image folder (local or gs://), laid out as "
+                            "for folder:PATH")
+  prepare.add_argument("--output", required=True,
+                       help="a directory (local or gs://): SPLIT-K-of-N"
+                            ".array_record shards and classes.json")
+  prepare.add_argument("--eval-fraction", type=float, default=0.05,
+                       help="held out as the test split when the folder has "
+                            "no train/ and test/ (as data.eval_fraction)")
+  prepare.add_argument("--shards", type=int, default=0,
+                       help="shards per split (0: one per 256 MiB)")
+  prepare.add_argument("--workers", type=int, default=0,
+                       help="threads writing shards (0: min(8, CPUs))")
+  export_images = sub.add_parser(
+      "export-images", help="write a config's data set as an image folder "
+                            "(OUTPUT/train|test/CLASS/N.png)")
+  export_images.add_argument("--config", required=True,
+                             help="an experiments/*.py file or a config name")
+  export_images.add_argument("--output", required=True)
+  export_images.add_argument("--limit", type=int, default=0,
+                             help="at most this many images a split (0: all)")
   aot = sub.add_parser(
       "compile", help="compile the train step ahead of time (for a TPU "
                       "topology: needs libtpu, no TPU) and print per-device "
@@ -208,6 +234,17 @@ def main(argv=None) -> int:
           config_lib.load_config_file(args.config), overrides)
       metrics = quality.write_fid_stats(
           config, parallel.make_mesh(config.mesh.num_devices), args.output)
+    elif args.command == "prepare":
+      from genimg_jax import image_files  # pylint: disable=g-import-not-at-top
+      metrics = image_files.prepare(args.input, args.output,
+                                    args.eval_fraction, args.shards,
+                                    args.workers)
+    elif args.command == "export-images":
+      from genimg_jax import image_files  # pylint: disable=g-import-not-at-top
+      config = config_lib.apply_overrides(
+          config_lib.load_config_file(args.config), overrides)
+      metrics = image_files.export_images(config.data, args.output,
+                                          args.limit)
     elif args.command == "export-features":
       metrics = train.export_feature_network(args.workdir, args.output)
     else:

@@ -256,6 +256,19 @@ def _ynn_fusion_types(value) -> str | None:
   return None
 
 
+def _data_name(value) -> str | None:
+  if not value.strip():
+    return "expected a non-empty name"
+  for prefix in ("folder:", "arrayrecord:"):
+    if value.startswith(prefix) and not value[len(prefix):].strip():
+      return f"expected a path after {prefix!r}"
+  return None
+
+
+# Fields that only image files (data.name folder:/arrayrecord:) use.
+FILE_SOURCE_FIELDS = ("data.eval_fraction", "data.resize_filter", "data.crop",
+                      "data.skip_corrupt")
+
 _BOOL = Rule(bool)
 _RATE = _number(0.0, 1.0, high_inclusive=False)  # A probability or decay.
 _NONEMPTY = Rule(str, check=lambda v: None if v.strip() else
@@ -296,7 +309,8 @@ FIELD_RULES: dict[str, Rule] = {
     "augment": _BOOL,
     "augment_flip": _BOOL,
     "mesh.num_devices": _integer(0, note="0: all devices"),
-    "data.name": _NONEMPTY,
+    "data.name": Rule(str, check=_data_name, note="a TFDS name, "
+                      "folder:PATH or arrayrecord:PATH"),
     "data.idx_dir": Rule(str, note="'': read data.name through TFDS"),
     "data.tfds_data_dir": Rule(str, note="'': TFDS's default"),
     "data.download": _BOOL,
@@ -307,6 +321,11 @@ FIELD_RULES: dict[str, Rule] = {
     "data.center_crop": _integer(0, note="0: no crop"),
     "data.num_workers": _integer(0, note="0: min(8, CPUs)"),
     "data.random_flip": _BOOL,
+    "data.eval_fraction": _number(0.0, 1.0, low_inclusive=False,
+                                  high_inclusive=False),
+    "data.resize_filter": _choice("bicubic", "area", "lanczos", "bilinear"),
+    "data.crop": _choice("center", "random"),
+    "data.skip_corrupt": _BOOL,
     "model.name": _choice("cnn", "resnet"),
     "model.dtype": _choice("float32", "bfloat16"),
     "model.dropout_rate": _RATE,
@@ -431,6 +450,9 @@ def _ineffective(key: str, flat: dict) -> str | None:
     return "only model.name='resnet' has them"
   if key == "augment_flip" and not get("augment"):
     return "augment is off"
+  if key in FILE_SOURCE_FIELDS and not str(get("data.name", "")).startswith(
+      ("folder:", "arrayrecord:")):
+    return "only image files (data.name=folder:PATH or arrayrecord:PATH) use it"
   if key == "data.random_flip" and get("family") == "classifier":
     return "classifiers flip through augment and augment_flip"
   if key == "vae.hidden" and get("vae.architecture") == "conv":
@@ -516,8 +538,8 @@ RESUMABLE_FIELDS = frozenset({
     "xla_cpu_ynn_fusions_kept",
     "mesh.num_devices", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory", "data.num_workers",
-    "data.eval_split", "vae.iw_samples", "gan.skip_nonfinite",
-    "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
+    "data.eval_split", "data.skip_corrupt", "vae.iw_samples",
+    "gan.skip_nonfinite", "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
     "diffusion.guidance_scale", "diffusion.clip_denoised",
     "diffusion.ddpm_variance", "diffusion.ddim_spacing",
 })

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import gzip
 import os
 import queue
@@ -295,10 +296,13 @@ def load_tfds_split(name: str, split: str, data_dir: str | None = None,
 IDX_DATA_SETS = ("mnist", "fashion_mnist", "kmnist", "emnist")
 
 
-def load_split(data_config, split: str) -> ArraySource | TfdsSource:
+def load_split(data_config, split: str, workdir: str | None = None):
   """The `split` of the data set that `data_config` names, checked for shape.
 
-  `data_config.idx_dir` (if set) wins over `data_config.name` read via TFDS.
+  `data_config.name` "folder:PATH" or "arrayrecord:PATH" names your own
+  images (`image_files.load_file_split`; the folder's listing is cached in
+  `workdir`); otherwise `data_config.idx_dir` (if set) wins over
+  `data_config.name` read via TFDS.
   Small data sets are read into memory when `data_config.in_memory` is set;
   `data_config.center_crop` > 0 crops the central square of that size and
   resizes it to `image_shape` (CelebA at 64 x 64). TFDS reads, decoding and
@@ -306,16 +310,21 @@ def load_split(data_config, split: str) -> ArraySource | TfdsSource:
   field (0 or absent: `default_num_workers()`).
   """
   num_workers = data_config.get("num_workers", 0)
-  if data_config.idx_dir:
+  from genimg_jax import image_files  # pylint: disable=g-import-not-at-top
+  if image_files.is_file_source(data_config.name):
+    source = image_files.load_file_split(data_config, split, workdir)
+  elif data_config.idx_dir:
     source = load_idx_split(data_config.idx_dir, split)
   else:
     source = load_tfds_split(data_config.name, split,
                              data_config.tfds_data_dir, data_config.download,
                              num_workers)
-  if data_config.get("center_crop", 0):
+  if data_config.get("center_crop", 0) and not image_files.is_file_source(
+      data_config.name):  # Files: done by their ImageTransform.
     source = CenterCropResize(source, data_config.center_crop,
                               tuple(data_config.image_shape[:2]), num_workers)
-  if data_config.in_memory and not isinstance(source, ArraySource):
+  if data_config.in_memory and not isinstance(source, ArraySource) and (
+      not getattr(source, "grain_pipeline", False)):
     source = to_arrays(source)
   if len(source) == 0:
     raise DataError(f"The {split} split of {data_config.name!r} is empty.")
@@ -434,16 +443,74 @@ def train_batches(source, global_batch: int, seed: int, start_step: int,
   """Yields (step, batch) for steps [start_step, num_steps).
 
   `batch` holds "image" uint8 [B, H, W, C] and "label" int32 [B], global
-  arrays sharded over `mesh`'s data axis. Prefetched in a thread.
+  arrays sharded over `mesh`'s data axis. Prefetched in a thread; sources of
+  image files are read, decoded and transformed by a Grain pipeline
+  (`grain_train_stream`).
   """
   parallel.check_global_batch(global_batch, mesh)
   steps_per_epoch(len(source), global_batch)
+  if getattr(source, "grain_pipeline", False):
+    local = grain_local_batches(
+        source, grain_train_stream(len(source), global_batch, seed,
+                                   start_step, num_steps),
+        global_batch // jax.process_count())
+    return _prefetch(lambda step: to_global_array(next(local), mesh),
+                     range(start_step, num_steps))
 
   def make(step):
     indices = global_batch_indices(len(source), global_batch, seed, step)
     return to_global_array(source.take(process_share(indices)), mesh)
 
   return _prefetch(make, range(start_step, num_steps))
+
+
+# The random crops of image files (data.crop="random") come from
+# default_rng([seed, step, row, CROP_STREAM]) ("crop" in ASCII).
+CROP_STREAM = 0x63726F70
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def grain_train_stream(num_examples: int, global_batch: int, seed: int,
+                       start_step: int, num_steps: int):
+  """A Grain MapDataset of (example index, crop seed) for this process's
+  rows of the global batches of steps [start_step, num_steps), in order.
+
+  Element `p` is row p mod b of step p // b (b = global_batch / processes)
+  of this process's share: a pure function of (seed, step, row), the same
+  indices as `global_batch_indices`, so resuming at any step reads exactly
+  what an uninterrupted run reads.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  local = global_batch // jax.process_count()
+  offset = jax.process_index() * local
+  per_epoch = steps_per_epoch(num_examples, global_batch)
+
+  def element(position):
+    step, row = divmod(position, local)
+    epoch, batch_in_epoch = divmod(step, per_epoch)
+    row += offset
+    order = _epoch_order(num_examples, seed, epoch)
+    return (int(order[batch_in_epoch * global_batch + row]),
+            (seed, step, row, CROP_STREAM))
+
+  return grain.MapDataset.range(start_step * local,
+                                num_steps * local).map(element)
+
+
+def grain_local_batches(source, stream, local_batch: int) -> Iterator[dict]:
+  """This process's batches of `stream`'s (index, crop seed) elements, read
+  and transformed by `source.get` on `source.num_workers` Grain threads,
+  prefetched up to two batches ahead: dicts of numpy [local_batch, ...]."""
+  import grain  # pylint: disable=g-import-not-at-top
+  dataset = stream.map(lambda element: source.get(*element)).batch(
+      local_batch, drop_remainder=True)
+  options = grain.ReadOptions(num_threads=source.num_workers,
+                              prefetch_buffer_size=2 * local_batch)
+  return iter(dataset.to_iter_dataset(options))
 
 
 def eval_batches(source, global_batch: int, mesh: Mesh) -> Iterator[dict]:
@@ -453,6 +520,30 @@ def eval_batches(source, global_batch: int, mesh: Mesh) -> Iterator[dict]:
   """
   parallel.check_global_batch(global_batch, mesh)
   n = len(source)
+  if getattr(source, "grain_pipeline", False):
+    import grain  # pylint: disable=g-import-not-at-top
+    num_batches = -(-n // global_batch)
+    local = global_batch // jax.process_count()
+    offset = jax.process_index() * local
+
+    def element(position):  # (index, no crop seed: evaluation crops centred)
+      batch, row = divmod(position, local)
+      return min(batch * global_batch + offset + row, n - 1), None
+
+    def masks(i):
+      rows = np.arange(i * global_batch, (i + 1) * global_batch)
+      return process_share((rows < n).astype(np.float32))
+
+    local_batches = grain_local_batches(
+        source, grain.MapDataset.range(num_batches * local).map(element),
+        local)
+
+    def make_files(i):
+      return to_global_array(dict(next(local_batches), mask=masks(i)), mesh)
+
+    for _, batch in _prefetch(make_files, range(num_batches)):
+      yield batch
+    return
 
   def make(i):
     indices = np.arange(i * global_batch, (i + 1) * global_batch)

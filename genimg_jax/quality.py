@@ -411,6 +411,29 @@ def feature_network_for_config(config, mesh) -> FeatureNetwork:
                               config.data.image_shape)
 
 
+def feature_network_misfit(config) -> str | None:
+  """Why config.feature_network cannot measure config's images (a ResNet
+  feature network saved for another image shape), or None when it can, or
+  when no FID is asked for. A missing file is not a misfit: loading it
+  raises."""
+  name = config.get("feature_network", "")
+  if not config.get("eval_samples") or not name or name.startswith(
+      "inception:"):
+    return None
+  path = feature_network_path(name)
+  try:
+    with open(path + ".json") as f:
+      net_shape = tuple(json.load(f).get("image_shape", (28, 28, 1)))
+  except (OSError, ValueError):
+    return None
+  shape = tuple(config.data.image_shape)
+  if net_shape == shape:
+    return None
+  return (f"feature network {name!r} takes {net_shape} images, not {shape}; "
+          "for FID on these images pass --config.feature_network="
+          "inception:FILE (`genimg convert-inception`)")
+
+
 REFERENCE_SPLITS = ("train", "test", "eval")
 
 

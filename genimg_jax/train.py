@@ -13,6 +13,7 @@ workdir) -> evaluator(state, step) -> {name: float}`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from genimg_jax import checkpoint, classifier, config as config_lib, data
 from genimg_jax import diffusion, gan, images as images_lib, metrics_writer
 from genimg_jax import optim, parallel
-from genimg_jax import preemption as preemption_lib, vae
+from genimg_jax import preemption as preemption_lib, quality, vae
 
 FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae,
             "diffusion": diffusion}
@@ -153,13 +154,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return _train_and_evaluate(config, workdir, stop_at_step)
 
 
+def without_unfit_fid(config):
+  """`config`, or a copy with eval_samples 0 (no FID, score, KID or
+  precision/recall) when its feature network cannot measure its images
+  (`quality.feature_network_misfit`), which is said once on stdout."""
+  why = quality.feature_network_misfit(config)
+  if why is None:
+    return config
+  if jax.process_index() == 0:
+    print(f"Training without FID: {why}.", flush=True)
+  config = copy.deepcopy(config)
+  config.eval_samples = 0
+  return config
+
+
 def _train_and_evaluate(config, workdir, stop_at_step):
+  config = without_unfit_fid(config)
   cache_dir = setup_compilation_cache(config, workdir)
   cache_counter = CompileCacheCounter()
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_global_batch(config.batch_size, mesh)
-  train_source = data.load_split(config.data, "train")
-  eval_source = data.load_split(config.data, config.data.eval_split)
+  train_source = data.load_split(config.data, "train", workdir)
+  eval_source = data.load_split(config.data, config.data.eval_split, workdir)
   num_steps = total_steps(config, len(train_source))
 
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
@@ -350,7 +366,8 @@ def evaluate_workdir(workdir: str, overrides=(),
   """Restores a checkpoint of `workdir` (see `restore_workdir`) and
   evaluates it."""
   config, mesh, state = restore_workdir(workdir, overrides, which)
-  eval_source = data.load_split(config.data, config.data.eval_split)
+  config = without_unfit_fid(config)
+  eval_source = data.load_split(config.data, config.data.eval_split, workdir)
   step = int(jax.device_get(state.step))
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
                                                    workdir)

@@ -378,7 +378,7 @@ def make_evaluator(config, mesh, eval_source, workdir):
       metrics["iw_bits_per_dim"] = metrics["iw_nll"] / (dims * math.log(2))
     # Every process samples (the calls are sharded over all hosts' devices);
     # only process 0 writes the grids.
-    originals = source.take(np.arange(32))
+    originals = source.take(np.arange(32) % len(source))  # Repeats if < 32.
     mean, _ = model.apply({"params": state.params},
                           classifier.to_float(originals["image"]),
                           originals["label"] if settings.conditional

@@ -1,0 +1,63 @@
+"""Renders the docs' measured tables from the JSON lines they come from.
+
+  python docs/render_tables.py loader   # docs/loader_bench.jsonl -> docs/data.md
+"""
+
+import json
+import os
+import statistics
+import sys
+
+DOCS = os.path.dirname(os.path.abspath(__file__))
+
+
+def replace_between(path: str, marker: str, body: str) -> None:
+  """Replaces the text between <!-- marker --> and <!-- /marker -->."""
+  with open(path) as f:
+    text = f.read()
+  start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+  head = text.split(start)[0]
+  tail = text.split(end)[1] if end in text else "\n"
+  with open(path, "w") as f:
+    f.write(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def loader_table() -> str:
+  with open(os.path.join(DOCS, "loader_bench.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  groups = {}
+  for r in records:
+    source = next((o.split("=", 1)[1] for o in r["overrides"]
+                   if o.startswith("data.name=")), "?")
+    key = (os.path.basename(source.rstrip("/")), r["model"], r["batch"],
+           r.get("device_kind", ""), r.get("jax_version", ""))
+    groups.setdefault(key, []).append(r)
+  lines = ["| images | model | batch | runs | loader alone, images/s | "
+           "loader + step, images/s | loader / step |",
+           "|---|---|---|---|---|---|---|"]
+  for (source, model, batch, _, _), rs in sorted(groups.items()):
+    loader = [r["loader_images_per_s"] for r in rs]
+    step = [r["images_per_s"] for r in rs]
+    lines.append(
+        f"| {source} | {model} | {batch} | {len(rs)} | "
+        f"{statistics.median(loader):.0f} ({min(loader):.0f}-{max(loader):.0f})"
+        f" | {statistics.median(step):.0f} ({min(step):.0f}-{max(step):.0f})"
+        f" | {statistics.median(loader) / statistics.median(step):.1f} |")
+  r = records[-1]
+  lines.append("")
+  lines.append(f"Medians (range) of the runs; {r.get('device_kind')} "
+               f"({r.get('platform')}), {r.get('host_cpus', '?')} CPU cores, "
+               f"jax {r.get('jax_version', '?')}; command: `bash "
+               "experiments/loader_bench.sh`. jpeg64 and jpeg256: 2,000 "
+               "smooth random JPEGs (quality 90) of 64 x 64 and 256 x 256, "
+               "read, decoded and resized to 64 x 64 on `data.num_workers` "
+               "threads.")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  if sys.argv[1:] == ["loader"]:
+    replace_between(os.path.join(DOCS, "data.md"), "loader-table",
+                    loader_table())
+  else:
+    sys.exit(__doc__)
