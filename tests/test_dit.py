@@ -346,3 +346,14 @@ def test_config_rules_for_dit():
       config_lib.apply_overrides(config, overrides)
   config_lib.apply_overrides(config, ["diffusion.objective=flow",
                                       "diffusion.sampler=heun"])
+
+
+def test_trains_evaluates_and_samples_end_to_end(tmp_path, idx_dir):
+  """The trainer with the shrunk packaged config: two steps, the test loss
+  and the sample grid of the evaluation (DDIM, 2 steps)."""
+  config = tiny_config(idx_dir, "dit.py", **TINY_CONFIG,
+                       **{"mesh.num_devices": 2, "num_steps": 2})
+  workdir = str(tmp_path / "run")
+  _, metrics = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(metrics["loss"])
+  assert os.listdir(os.path.join(workdir, "samples")) == ["step_000002.png"]
