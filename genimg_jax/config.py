@@ -326,7 +326,7 @@ FIELD_RULES: dict[str, Rule] = {
     "data.resize_filter": _choice("bicubic", "area", "lanczos", "bilinear"),
     "data.crop": _choice("center", "random"),
     "data.skip_corrupt": _BOOL,
-    "model.name": _choice("cnn", "resnet"),
+    "model.name": _choice("cnn", "resnet", "unet", "dit"),
     "model.dtype": _choice("float32", "bfloat16"),
     "model.dropout_rate": _RATE,
     "model.spectral_norm": _BOOL,
@@ -337,6 +337,11 @@ FIELD_RULES: dict[str, Rule] = {
     "model.multipliers": Rule(tuple, check=_ints_tuple(1, empty_ok=False)),
     "model.attention_resolutions": Rule(tuple, check=_ints_tuple(1)),
     "model.num_res_blocks": _integer(1),
+    "model.patch_size": _integer(1, note="the DiT's patch side"),
+    "model.hidden_size": _integer(1, note="the DiT's features per token"),
+    "model.depth": _integer(1, note="the DiT's transformer blocks"),
+    "model.num_heads": _integer(1),
+    "model.mlp_ratio": _number(0.0, low_inclusive=False),
     "gan.loss": _choice("non_saturating", "hinge", "least_squares",
                         "wgan_gp"),
     "gan.n_critic": _integer(1),
@@ -383,6 +388,36 @@ def rule_for(key: str) -> Rule | None:
   return None
 
 
+# The networks of the families that choose one by model.name, and the
+# fields each diffusion network reads.
+_FAMILY_MODELS = {"classifier": ("cnn", "resnet"),
+                  "diffusion": ("unet", "dit")}
+_MODEL_FIELDS = {
+    "unet": ("channels", "multipliers", "num_res_blocks",
+             "attention_resolutions", "dropout_rate"),
+    "dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
+}
+
+
+def _dit_problems(flat: dict) -> list[str]:
+  """DiT sizes that cannot build: heads, position embedding, patches."""
+  problems = []
+  hidden, heads, patch = (flat["model.hidden_size"], flat["model.num_heads"],
+                          flat["model.patch_size"])
+  if hidden % heads:
+    problems.append(f"model.hidden_size={hidden}: not divisible by "
+                    f"model.num_heads={heads}")
+  if hidden % 4:
+    problems.append(f"model.hidden_size={hidden}: the 2-D position "
+                    "embedding needs a multiple of 4")
+  shape = flat.get("data.image_shape")
+  if shape and (shape[0] % patch or shape[1] % patch):
+    problems.append(f"model.patch_size={patch}: the images "
+                    f"({shape[0]} x {shape[1]}) are not divisible into "
+                    f"{patch} x {patch} patches")
+  return problems
+
+
 def _cross_field_problems(flat: dict) -> list[str]:
   """Combinations of valid values that cannot run."""
   problems = []
@@ -402,6 +437,22 @@ def _cross_field_problems(flat: dict) -> list[str]:
     if not all(n >= 1 for n in get("model.blocks_per_stage", (1,))):
       problems.append(f"model.blocks_per_stage={get('model.blocks_per_stage')}"
                       ": the ResNet needs >= 1 block in every stage")
+  family, name = get("family"), get("model.name")
+  if family == "diffusion":
+    name = name or "unet"  # Configs without model.name: the UNet.
+  if family in _FAMILY_MODELS and "model.name" in flat and (
+      name not in _FAMILY_MODELS[family]):
+    problems.append(f"model.name={name!r}: the {family} family's networks "
+                    f"are {', '.join(map(repr, _FAMILY_MODELS[family]))}")
+  elif family == "diffusion":
+    missing = [k for k in _MODEL_FIELDS[name] if f"model.{k}" not in flat]
+    if missing:
+      problems.append(
+          f"model.name={name!r}: the config has no model."
+          f"{', model.'.join(missing)} (experiments/"
+          f"{'dit' if name == 'dit' else 'ddpm'}.py has them)")
+    elif name == "dit":
+      problems += _dit_problems(flat)
   if get("family") == "diffusion" and "diffusion.sampler" in flat:
     flow = get("diffusion.objective") == "flow"
     allowed = ("euler", "heun") if flow else ("ddpm", "ddim")

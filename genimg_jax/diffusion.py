@@ -1,5 +1,6 @@
 """Diffusion and flow matching: schedules, objectives, the train step, the
-evaluator. The network is `unet.UNet`; the samplers are in `samplers.py`.
+evaluator. The network is `unet.UNet` or, with config.model.name "dit",
+`dit.DiT` (`make_model`); the samplers are in `samplers.py`.
 
 Images are scaled to [-1, 1]. Objectives (config.diffusion.objective):
   "eps"  DDPM: x_t = sqrt(ab_t) x + sqrt(1 - ab_t) eps, t uniform in
@@ -42,7 +43,7 @@ from flax.training import train_state
 from genimg_jax import config as config_lib, data, images as images_lib
 from genimg_jax import optim, parallel, quality
 from genimg_jax import samplers
-from genimg_jax.nets import unet
+from genimg_jax.nets import dit, unet
 
 OBJECTIVES = ("eps", "v", "flow")
 SCHEDULES = ("linear", "cosine")
@@ -161,11 +162,25 @@ def settings_from_config(config) -> Settings:
                   config.data.get("random_flip", False))
 
 
-def make_model(config, num_classes: int) -> unet.UNet:
+MODELS = ("unet", "dit")
+
+
+def make_model(config, num_classes: int) -> unet.UNet | dit.DiT:
+  """The network of config.model.name: "unet" (also for configs without
+  the field) or "dit" (DiT; SiT with the flow objective)."""
   m = config.model
-  return unet.UNet(m.channels, tuple(m.multipliers), m.num_res_blocks,
-                   tuple(m.attention_resolutions), m.dropout_rate,
-                   num_classes, jnp.dtype(m.dtype))
+  name = m.get("name", "unet")
+  if name == "unet":
+    return unet.UNet(m.channels, tuple(m.multipliers), m.num_res_blocks,
+                     tuple(m.attention_resolutions), m.dropout_rate,
+                     num_classes, jnp.dtype(m.dtype))
+  if name == "dit":
+    return dit.DiT(m.patch_size, m.hidden_size, m.depth, m.num_heads,
+                   m.mlp_ratio, num_classes, learn_sigma=False,
+                   dtype=jnp.dtype(m.dtype))
+  raise config_lib.ConfigError(
+      f"model.name {name!r} is not a diffusion network; choose from "
+      f"{MODELS}.")
 
 
 class TrainState(train_state.TrainState):

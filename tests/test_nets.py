@@ -33,7 +33,8 @@ NETWORKS = [
 ]
 
 # Flattened parameter (and batch_stats) paths and shapes of every
-# experiment's initial state, recorded with the code before the move.
+# experiment's initial state, recorded with the code before the move
+# (dit.py: recorded when it was added, with the official DiT's names).
 PARAM_PATHS = os.path.join(REPO, "tests", "data", "param_paths.json")
 
 
