@@ -193,15 +193,13 @@ def _template(model: AutoencoderKL):
       jax.random.key(0), jnp.zeros((1, size, size, model.in_channels))))
 
 
-def variables_from_diffusers(state_dict: Mapping[str, np.ndarray],
-                             config: Mapping) -> dict:
-  """A diffusers AutoencoderKL state dict (numpy arrays) -> variables of
-  `AutoencoderKL(**config)`, float32. Every parameter must be found once
-  with its shape, and every tensor used: otherwise a ConversionError naming
-  the tensor."""
-  model = AutoencoderKL(**config)
-  flat = flax.traverse_util.flatten_dict(_template(model)["params"],
-                                         sep="/")
+def params_from_state_dict(template, state_dict: Mapping[str, np.ndarray]
+                           ) -> dict:
+  """A template of Flax params (arrays or ShapeDtypeStructs, diffusers'
+  module names) filled from a diffusers state dict of numpy arrays, float32.
+  Every parameter must be found once with its shape, and every tensor used:
+  otherwise a ConversionError naming the tensor."""
+  flat = flax.traverse_util.flatten_dict(template, sep="/")
   params, used = {}, set()
   for key, spec in flat.items():
     source = _source_name(key)
@@ -231,7 +229,15 @@ def variables_from_diffusers(state_dict: Mapping[str, np.ndarray],
     raise ConversionError(
         f"The checkpoint has {len(unused)} tensor(s) this network does not "
         f"use, first {unused[0]!r}: a config that does not match them?")
-  return {"params": flax.traverse_util.unflatten_dict(params, sep="/")}
+  return flax.traverse_util.unflatten_dict(params, sep="/")
+
+
+def variables_from_diffusers(state_dict: Mapping[str, np.ndarray],
+                             config: Mapping) -> dict:
+  """A diffusers AutoencoderKL state dict (numpy arrays) -> variables of
+  `AutoencoderKL(**config)` (see `params_from_state_dict`)."""
+  template = _template(AutoencoderKL(**config))["params"]
+  return {"params": params_from_state_dict(template, state_dict)}
 
 
 def convert_diffusers(input_path: str, output_path: str) -> dict:

@@ -267,3 +267,29 @@ def test_loader_refuses_a_corrupt_file(tmp_path):
   _one_line_error(lambda: autoencoder.load(str(corrupt)), "corrupt")
   with pytest.raises(FileNotFoundError, match="convert-autoencoder"):
     autoencoder.load(str(tmp_path / "missing.msgpack"))
+
+
+def test_resnet_block_equals_diffusers_on_small_activations():
+  """GroupNorm's epsilon (1e-6) matters where a group's variance is near
+  it; the whole network's random activations are far larger, so one
+  ResnetBlock2D is compared on inputs of standard deviation 1e-3."""
+  torch = _require("torch")
+  resnet = _require("diffusers.models.resnet")
+  from genimg_jax.nets import autoencoder_kl  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(2)
+  block = resnet.ResnetBlock2D(in_channels=16, out_channels=32,
+                               temb_channels=None, groups=8, eps=1e-6).eval()
+  with torch.no_grad():
+    for name, p in block.named_parameters():
+      if p.ndim == 1:
+        p.normal_(0, 0.2) if name.endswith("bias") else p.uniform_(0.5, 1.5)
+  ours = autoencoder_kl.ResnetBlock(32, 8)
+  x = 1e-3 * np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype(
+      np.float32)
+  template = jax.eval_shape(lambda: ours.init(jax.random.key(0), x))
+  params = autoencoder.params_from_state_dict(
+      template["params"], {k: v.numpy() for k, v in block.state_dict().items()})
+  with torch.no_grad():
+    theirs = block(torch.from_numpy(x).permute(0, 3, 1, 2), None)
+  _assert_close(ours.apply({"params": params}, x),
+                theirs.permute(0, 2, 3, 1).numpy(), "resnet block")
