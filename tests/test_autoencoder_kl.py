@@ -112,6 +112,28 @@ def test_small_config_equals_diffusers(small, size):
   assert np.abs(mean[0] - mean[1]).max() > 100 * 1e-4 * np.abs(mean).max()
 
 
+def test_logvar_is_clamped_as_diffusers(small):
+  """logvar in [-30, 20]: quant_conv's logvar biases pushed to +-100."""
+  torch = _require("torch")
+  import copy  # pylint: disable=g-import-not-at-top
+  vae, _, path = small
+  vae = copy.deepcopy(vae)
+  model, variables = autoencoder.load(path)
+  bias = np.array([0, 0, 0, 0, 100, -100, 100, -100], np.float32)
+  with torch.no_grad():
+    vae.quant_conv.bias += torch.from_numpy(bias)
+  variables = jax.tree.map(lambda x: x, variables)
+  variables["params"]["quant_conv"]["bias"] = (
+      variables["params"]["quant_conv"]["bias"] + bias)
+  x = np.random.default_rng(2).uniform(-1, 1, (1, 32, 32, 3)).astype(
+      np.float32)
+  mean, logvar, _ = _torch_outputs(vae, x)
+  ours_mean, ours_logvar = model.apply(variables, x, method="encode")
+  assert set(np.unique(logvar)) == {-30.0, 20.0}
+  np.testing.assert_array_equal(ours_logvar, logvar)
+  _assert_close(ours_mean, mean, "mean")
+
+
 def test_call_decodes_the_mean_or_a_posterior_sample(small):
   _, _, path = small
   model, variables = autoencoder.load(path)
