@@ -179,7 +179,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict, str]:
   return state_dict, config, weights_path
 
 
-def _source_name(flax_path: str) -> str:
+def diffusers_name(flax_path: str) -> str:
   """'encoder/down_blocks_0/resnets_1/conv1/kernel' ->
   'encoder.down_blocks.0.resnets.1.conv1.weight'."""
   module, leaf = flax_path.rsplit("/", 1)
@@ -202,7 +202,7 @@ def params_from_state_dict(template, state_dict: Mapping[str, np.ndarray]
   flat = flax.traverse_util.flatten_dict(template, sep="/")
   params, used = {}, set()
   for key, spec in flat.items():
-    source = _source_name(key)
+    source = diffusers_name(key)
     if source not in state_dict:
       for new, old in LEGACY_ATTENTION_NAMES.items():
         legacy = source.replace(f".{new}.", f".{old}.")
