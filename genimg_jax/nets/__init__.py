@@ -8,6 +8,8 @@ gan, vae, diffusion) keep the objectives, train steps and evaluators.
   mlp_vae   MLPEncoder, MLPDecoder: the MLP VAE's encoder and decoder.
   conv_vae  ConvEncoder, ConvDecoder, and VAE (encoder + decoder, conv or MLP).
   unet      UNet: the DDPM UNet of the diffusion family.
+  autoencoder_kl  AutoencoderKL: the Stable Diffusion VAE (diffusers'), for
+            latent diffusion; its converter is `genimg_jax.autoencoder`.
   layers    Layers shared by the networks, rewritten for fast CPU steps.
 
 The old locations still work: `classifier.CNN`, `gan.Generator`, `vae.VAE`
