@@ -124,7 +124,8 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
                       "pip install safetensors.") from e
   try:
     return safetensors.numpy.load_file(path)
-  except KeyError:  # numpy has no bfloat16: read through jax instead.
+  except (KeyError, TypeError):  # bfloat16 without ml_dtypes: read it
+    # through jax instead.
     with safetensors.safe_open(path, framework="flax") as f:
       return {k: np.asarray(f.get_tensor(k).astype(jnp.float32))
               for k in f.keys()}

@@ -285,6 +285,27 @@ def test_converter_refuses_a_missing_misshapen_or_extra_tensor(tmp_path):
                    str(tmp_path / "x.msgpack")]) == 2
 
 
+def test_converter_reads_float16_and_bfloat16(tmp_path):
+  st = _require("safetensors.numpy")
+  weights = "diffusion_pytorch_model.safetensors"
+  state_dict = _fake_checkpoint(tmp_path / "f32", TINY)
+  _, config, _ = autoencoder.read_checkpoint(str(tmp_path / "f32"))
+  expected = autoencoder.variables_from_diffusers(state_dict, config)
+  for dtype in (np.float16, jnp.bfloat16):
+    name = np.dtype(dtype).name
+    _fake_checkpoint(tmp_path / name, TINY)
+    st.save_file({k: v.astype(dtype) for k, v in state_dict.items()},
+                 str(tmp_path / name / weights))
+    autoencoder.convert_diffusers(str(tmp_path / name),
+                                  str(tmp_path / f"{name}.msgpack"))
+    _, variables = autoencoder.load(str(tmp_path / f"{name}.msgpack"))
+    for ours, full in zip(jax.tree.leaves(variables),
+                          jax.tree.leaves(expected)):
+      assert ours.dtype == np.float32
+      np.testing.assert_array_equal(ours, full.astype(dtype).astype(
+          np.float32))
+
+
 def test_loader_refuses_a_corrupt_file(tmp_path):
   _fake_checkpoint(tmp_path / "vae", TINY)
   path = str(tmp_path / "vae.msgpack")
