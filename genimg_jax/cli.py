@@ -8,6 +8,7 @@
   genimg export-features --workdir DIR --output FILE
   genimg convert-inception --pth pt_inception-2015-12-05-6726825d.pth \
       --output inception.msgpack
+  genimg convert-autoencoder --input sd-vae-ft-mse/ --output sd_vae.msgpack
   genimg fid-stats --config experiments/dcgan.py:cifar10 --output s.npz \
       [--config.feature_network=inception:inception.msgpack]
   genimg prepare --input FOLDER --output DIR   # ArrayRecord shards
@@ -115,6 +116,17 @@ def _parser():
                        help="FILE (msgpack); FILE.json gets the SHA-256s")
   convert.add_argument("--any-weights", action="store_true",
                        help="convert a .pth that is not pytorch-fid's file")
+  convert_ae = sub.add_parser(
+      "convert-autoencoder",
+      help="convert a diffusers AutoencoderKL (the Stable Diffusion VAE) for "
+           "genimg_jax.autoencoder.load")
+  convert_ae.add_argument("--input", required=True,
+                          help="a diffusers directory (config.json + "
+                               "diffusion_pytorch_model.safetensors or .bin)"
+                               " or a single .safetensors file")
+  convert_ae.add_argument("--output", required=True,
+                          help="FILE (msgpack); FILE.json gets the config "
+                               "and the SHA-256s")
   stats = sub.add_parser(
       "fid-stats", help="write the reference split's "
                         "(config.eval_reference_split) feature mean and "
@@ -228,6 +240,9 @@ def main(argv=None) -> int:
       from genimg_jax import inception  # pylint: disable=g-import-not-at-top
       metrics = inception.convert_pth(args.pth, args.output,
                                       check_hash=not args.any_weights)
+    elif args.command == "convert-autoencoder":
+      from genimg_jax import autoencoder  # pylint: disable=g-import-not-at-top
+      metrics = autoencoder.convert_diffusers(args.input, args.output)
     elif args.command == "fid-stats":
       from genimg_jax import parallel, quality  # pylint: disable=g-import-not-at-top
       config = config_lib.apply_overrides(

@@ -10,6 +10,8 @@ gan, vae, diffusion) keep the objectives, train steps and evaluators.
   unet      UNet: the DDPM UNet of the diffusion family.
   dit       DiT: the diffusion family's transformer (DiT; SiT with the flow
             objective), chosen by model.name "dit".
+  autoencoder_kl  AutoencoderKL: the Stable Diffusion VAE (diffusers'), for
+            latent diffusion; its converter is `genimg_jax.autoencoder`.
   layers    Layers shared by the networks, rewritten for fast CPU steps.
 
 The old locations still work: `classifier.CNN`, `gan.Generator`, `vae.VAE`
