@@ -22,6 +22,13 @@ def replace_between(path: str, marker: str, body: str) -> None:
     f.write(f"{head}{start}\n{body}\n{end}{tail}")
 
 
+def current(path: str, marker: str) -> str:
+  """The text between <!-- marker --> and <!-- /marker --> in `path`."""
+  with open(path) as f:
+    text = f.read()
+  return text.split(f"<!-- {marker} -->\n")[1].split(f"\n<!-- /{marker} -->")[0]
+
+
 def loader_table() -> str:
   with open(os.path.join(DOCS, "loader_bench.jsonl")) as f:
     records = [json.loads(line) for line in f if line.strip()]
@@ -44,9 +51,12 @@ def loader_table() -> str:
         f" | {statistics.median(step):.0f} ({min(step):.0f}-{max(step):.0f})"
         f" | {statistics.median(loader) / statistics.median(step):.1f} |")
   r = records[-1]
+  loads = [x["load_avg_1m"] for x in records if "load_avg_1m" in x]
   lines.append("")
   lines.append(f"Medians (range) of the runs; {r.get('device_kind')} "
-               f"({r.get('platform')}), {r.get('host_cpus', '?')} CPU cores, "
+               f"({r.get('platform')}), {r.get('host_cpus', '?')} CPU cores "
+               f"(1-minute load average {min(loads):.1f}-{max(loads):.1f} "
+               "during the runs: other jobs shared the cores), "
                f"jax {r.get('jax_version', '?')}; command: `bash "
                "experiments/loader_bench.sh`. jpeg64 and jpeg256: 2,000 "
                "smooth random JPEGs (quality 90) of 64 x 64 and 256 x 256, "

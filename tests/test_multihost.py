@@ -278,3 +278,31 @@ def test_a_hung_process_dies_after_the_grace_period():
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "exiting without a final checkpoint" in err
     assert time.time() - start < 30
+
+
+def test_two_processes_train_on_an_image_folder_like_one(tmp_path):
+  """A DCGAN on a folder of PNGs and JPEGs of mixed sizes (read through
+  Grain, each process its own rows): two processes (2 steps, then resumed
+  to 4) give one process's losses, FID and sample grids."""
+  from test_image_files import make_folder  # pylint: disable=g-import-not-at-top
+  root = make_folder(str(tmp_path / "images"), classes=(), per_class=40,
+                     sizes=((28, 28), (36, 30), (40, 52)))
+  extra = [f"--config.data.name=folder:{root}", "--config.data.num_classes=0",
+           "--config.data.eval_fraction=0.25", "--config.eval_samples=64",
+           "--config.data.crop=random", "--config.data.num_workers=2"]
+  single = str(tmp_path / "single")
+  run_one_process(_command("dcgan.py", single, "", 4, extra))
+  multi = str(tmp_path / "multi")
+  cache = str(tmp_path / "jax_cache")
+  for steps in (2, 4):
+    finish(start_two_processes(_command("dcgan.py", multi, "", steps, extra),
+                               cache))
+  want, got = _eval_json(single), _eval_json(multi)
+  assert got["step"] == want["step"] == 4
+  # One image across a k-NN radius: 1 / 64 samples, 1 / 10 test images.
+  for key, one_image in (("precision", 1 / 64), ("recall", 1 / 10)):
+    assert abs(want.pop(key) - got.pop(key)) <= one_image + 1e-9, key
+  _assert_close(want, got)
+  _assert_close(_train_losses(single), _train_losses(multi))
+  with open(os.path.join(multi, "data_files.json")) as f:
+    assert len(json.load(f)["list"]["splits"]["test"]) == 10
