@@ -1,7 +1,8 @@
 """The `genimg` command: train, eval (and bench) from experiment configs.
 
+  genimg configs                       # the packaged configs
   genimg train --config experiments/cnn.py --workdir DIR \
-      [--config.batch_size=256 ...]
+      [--config.batch_size=256 ...] [--print-config]
   genimg eval --workdir DIR [--checkpoint latest|best|STEP]
   genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
       [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1]
@@ -60,17 +61,67 @@ def _special_values() -> str:
   return "config fields with special values:\n" + "\n".join(lines)
 
 
+def _version() -> str:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    version = metadata.version("genimg-jax")
+  except metadata.PackageNotFoundError:
+    version = "(not installed)"
+  versions = []
+  for package in ("jax", "flax", "optax", "orbax-checkpoint", "grain"):
+    try:
+      versions.append(f"{package} {metadata.version(package)}")
+    except metadata.PackageNotFoundError:
+      pass
+  return f"genimg-jax {version} ({', '.join(versions)})"
+
+
+def _list_configs() -> str:
+  """One line per packaged config: name, data sets, variants, description."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from genimg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  directory = config_lib.packaged_experiments_dir()
+  lines = []
+  for name in sorted(os.listdir(directory)):
+    if not name.endswith(".py") or name in ("__init__.py", "common.py"):
+      continue
+    path = os.path.join(directory, name)
+    config_lib._make_experiments_importable(directory)  # pylint: disable=protected-access
+    spec = importlib.util.spec_from_file_location(f"genimg_list_{name[:-3]}",
+                                                  path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      continue
+    doc = (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    lines.append(f"{name[:-3]:<14} {doc}")
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  lines.append("")
+  lines.append(f"data sets (--config NAME:DATASET[,VARIANT]): "
+               f"{', '.join(common.DATASETS)}; variants: "
+               f"{', '.join(common.VARIANTS)} (default local); your own "
+               "images: --config.data.name=folder:PATH (docs/data.md)")
+  return "\n".join(lines)
+
+
 def _parser():
   parser = argparse.ArgumentParser(prog="genimg", description=__doc__,
                                    formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--version", action="version", version=_version())
   sub = parser.add_subparsers(dest="command", required=True)
+  sub.add_parser("configs", help="list the packaged configs: name, data "
+                                 "sets, variants and what each trains")
   train = sub.add_parser("train", help="train (or resume) a run in a workdir",
                          epilog=_special_values(),
                          formatter_class=argparse.RawTextHelpFormatter)
   train.add_argument("--config", required=True,
                      help="an experiments/*.py file with get_config()")
-  train.add_argument("--workdir", required=True,
-                     help="checkpoints, logs and samples go here")
+  train.add_argument("--workdir", default=None,
+                     help="checkpoints, logs and samples go here (required "
+                          "unless --print-config)")
+  train.add_argument("--print-config", action="store_true",
+                     help="print the config after the overrides, then exit")
   evaluate = sub.add_parser("eval", help="evaluate a checkpoint")
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--checkpoint", default="latest",
@@ -184,8 +235,8 @@ def _parser():
   bench.add_argument("--input", default="synthetic",
                      choices=["synthetic", "real"],
                      help="real: include the input pipeline")
-  bench.add_argument("--output", default="bench.jsonl",
-                     help="JSON lines are appended here ('' for none)")
+  bench.add_argument("--output", default="",
+                     help="FILE: also append the records here as JSON lines")
   bench.add_argument("--profile", default="",
                      help="DIR: trace the timed steps with jax.profiler "
                           "(Perfetto/TensorBoard) and print the top XLA ops")
@@ -219,9 +270,17 @@ def main(argv=None) -> int:
   try:
     distributed.use_cpu_cores()
     distributed.maybe_initialize()
+    if args.command == "configs":
+      print(_list_configs())
+      return 0
     if args.command == "train":
       config = config_lib.apply_overrides(
           config_lib.load_config_file(args.config), overrides)
+      if args.print_config:
+        print(config)
+        return 0
+      if not args.workdir:
+        raise config_lib.ConfigError("genimg train needs --workdir DIR.")
       _, metrics = train.train_and_evaluate(config, args.workdir)
     elif args.command == "eval":
       metrics = train.evaluate_workdir(args.workdir, overrides,
