@@ -320,6 +320,8 @@ def test_a_folder_in_a_bucket(bucket, tmp_path):
   assert len(remote) == len(here) == 9
   np.testing.assert_array_equal(remote.take(np.arange(9))["image"],
                                 here.take(np.arange(9))["image"])
+  with pytest.raises(data.DataError, match="does not exist"):
+    image_files.list_folder(f"{bucket}/missing", 0.25)
 
 
 from test_bucket import bucket  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
