@@ -322,6 +322,13 @@ def test_a_folder_in_a_bucket(bucket, tmp_path):
                                 here.take(np.arange(9))["image"])
   with pytest.raises(data.DataError, match="does not exist"):
     image_files.list_folder(f"{bucket}/missing", 0.25)
+  # `genimg prepare` from and to the bucket.
+  counts = image_files.prepare(f"{bucket}/images", f"{bucket}/shards",
+                               eval_fraction=0.25, num_shards=1)
+  assert counts == {"train": 9, "test": 3}
+  assert sorted(p.name for p in (epath.Path(bucket) / "shards").iterdir()) == [
+      "classes.json", "test-00000-of-00001.array_record",
+      "train-00000-of-00001.array_record"]
 
 
 from test_bucket import bucket  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
@@ -398,3 +405,36 @@ def test_gan_vae_and_flow_train_and_evaluate_on_a_folder_from_the_cli(
   result = run_cli("eval", "--workdir", workdir, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 3
+
+
+def test_a_config_outside_the_repository_builds_on_the_packaged_ones(
+    tmp_path):
+  from genimg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "elsewhere" / "faces.py"
+  path.parent.mkdir()
+  path.write_text(
+      "from genimg_jax.experiments import common, ddpm\n\n"
+      "def get_config(arg=''):\n"
+      "  config = ddpm.get_config(arg)\n"
+      "  config.data.name = 'folder:/data/faces'\n"
+      "  config.data.image_shape = (64, 64, 3)\n"
+      "  config.data.num_classes = 0\n"
+      "  assert common.VARIANTS\n"
+      "  return config\n")
+  config = config_lib.load_config_file(str(path) + ":fashion_mnist,full")
+  config_lib.validate(config)
+  assert config.data.name == "folder:/data/faces"
+  assert config.model.channels == 64  # ddpm's full variant.
+
+
+def test_no_fid_when_the_feature_network_does_not_fit(capsys):
+  from genimg_jax import config as config_lib, train  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file("dcgan")
+  assert train.without_unfit_fid(config) is config  # 28 x 28 x 1 fits.
+  config = config_lib.apply_overrides(config, [
+      "data.name=folder:/x", "data.image_shape=32,32,3"])
+  quiet = train.without_unfit_fid(config)
+  assert quiet.eval_samples == 0 and config.eval_samples == 10000
+  out = capsys.readouterr().out
+  assert out.count("\n") == 1 and "Training without FID" in out
+  assert "inception:FILE" in out
