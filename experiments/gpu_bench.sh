@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU numbers (issue 17) in one run of at most 8 minutes: every model's train
+# GPU numbers in one run of at most 8 minutes: every model's train
 # step in float32 and bfloat16 on 1 device, the batch growing from 128 until
 # it runs out of memory (or reaches MAX_BATCH, or the time budget ends), then
 # a table of images/s and fraction of peak. The batch jumps to the largest
@@ -14,7 +14,7 @@
 # own, carry wheels of this package (`pip wheel --no-deps .`), ml_collections
 # and tensorboardX, install them with `pip install --no-deps --target DIR`,
 # and run with PYTHONPATH=DIR PYTHONSAFEPATH=1 PYTHON=python3
-# (docs/performance.md, "One NVIDIA H200").
+# (docs/performance.md, "Reproducing").
 # Usage, from the repo root:
 #   bash experiments/gpu_bench.sh [OUT_DIR]    (default: $OUT, else /tmp/gpu_bench)
 # Writes OUT_DIR/gpu_bench.jsonl (one record per run) and OUT_DIR/gpu_bench.txt.

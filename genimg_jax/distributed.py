@@ -27,7 +27,7 @@ def use_cpu_cores() -> int | None:
 
   One XLA:CPU device does not keep all cores busy in these train steps; the
   same step split over one device per core measured up to 1.7x faster on 2
-  cores (README, Train-step throughput). Accelerators are unaffected: the mesh is
+  cores (docs/performance.md). Accelerators are unaffected: the mesh is
   built over the default backend's devices. GENIMG_CPU_DEVICES=N picks N
   (1 turns this off); an XLA_FLAGS that already sets
   --xla_force_host_platform_device_count wins. Returns the count set, or None.
