@@ -50,6 +50,9 @@ def get_config(arg=""):
     config.model.attention_resolutions = (16,)
   config.model.num_res_blocks = 2
   config.model.dropout_rate = 0.1
+  # Rematerialisation: "blocks" or "full" trade compute for activation
+  # memory (docs/performance.md); the same parameters and gradients.
+  config.model.remat = "none"
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.objective = "eps"

@@ -47,6 +47,7 @@ def get_config(arg=""):
     config.model.num_heads = 12
     config.model.patch_size = 4 if side == 64 else 2
   config.model.mlp_ratio = 4.0
+  config.model.remat = "none"  # Or "blocks", "full": see experiments/ddpm.py.
 
   if not local:  # DiT's optimizer and run length.
     config.optimizer = common.get_optimizer_config("adam", 1e-4, "constant", 0)

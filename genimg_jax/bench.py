@@ -120,6 +120,21 @@ def float32_matmul(device) -> str:
   return "tf32"
 
 
+def published_peak(device, dtype: str,
+                   matmul: str = "float32") -> tuple[float, str] | None:
+  """(published dense peak FLOP/s of one `device`, its kind: "bf16", "tf32"
+  or "fp32") for a step in `dtype` whose float32 matmuls run as `matmul`
+  (`float32_matmul`); None for a device not in `PEAK_FLOPS` (CPUs)."""
+  for name, f32, tf32, bf16 in PEAK_FLOPS:
+    if name.lower() in device.device_kind.lower():
+      if dtype == "bfloat16":
+        return bf16, "bf16"
+      if matmul == "tf32" and tf32:
+        return tf32, "tf32"
+      return f32, "fp32"
+  return None
+
+
 def peak_flops(device, dtype: str, matmul: str = "float32",
                mesh=None) -> tuple[float, str, str]:
   """(peak FLOP/s of `mesh`, where the number comes from, its kind).
@@ -132,13 +147,9 @@ def peak_flops(device, dtype: str, matmul: str = "float32",
   TensorFloat-32 peak. kind: "bf16", "tf32" or "fp32".
   """
   devices = 1 if mesh is None else int(mesh.devices.size)
-  for name, f32, tf32, bf16 in PEAK_FLOPS:
-    if name.lower() in device.device_kind.lower():
-      if dtype == "bfloat16":
-        return bf16 * devices, "published", "bf16"
-      if matmul == "tf32" and tf32:
-        return tf32 * devices, "published", "tf32"
-      return f32 * devices, "published", "fp32"
+  published = published_peak(device, dtype, matmul)
+  if published is not None:
+    return published[0] * devices, "published", published[1]
   kind = "bf16" if dtype == "bfloat16" else "fp32"
   return (measured_cpu_peak(jnp.dtype(dtype), mesh=mesh), "measured matmul",
           kind)

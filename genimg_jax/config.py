@@ -342,6 +342,7 @@ FIELD_RULES: dict[str, Rule] = {
     "model.depth": _integer(1, note="the DiT's transformer blocks"),
     "model.num_heads": _integer(1),
     "model.mlp_ratio": _number(0.0, low_inclusive=False),
+    "model.remat": _choice("none", "blocks", "full"),
     "gan.loss": _choice("non_saturating", "hinge", "least_squares",
                         "wgan_gp"),
     "gan.n_critic": _integer(1),
@@ -578,7 +579,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 
 # Fields a resumed run may change: run length, evaluation, logging,
-# checkpointing, the device count and where the data lives. Every other field
+# checkpointing, the device count, rematerialisation (the same math) and
+# where the data lives. Every other field
 # defines the experiment (family, model, losses, optimizers, data set, batch,
 # seed) and must match the checkpoint's.
 RESUMABLE_FIELDS = frozenset({
@@ -590,7 +592,7 @@ RESUMABLE_FIELDS = frozenset({
     "mesh.num_devices", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory", "data.num_workers",
     "data.eval_split", "data.skip_corrupt", "vae.iw_samples",
-    "gan.skip_nonfinite", "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
+    "gan.skip_nonfinite", "model.remat", "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
     "diffusion.guidance_scale", "diffusion.clip_denoised",
     "diffusion.ddpm_variance", "diffusion.ddim_spacing",
 })

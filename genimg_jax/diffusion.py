@@ -173,11 +173,12 @@ def make_model(config, num_classes: int) -> unet.UNet | dit.DiT:
   if name == "unet":
     return unet.UNet(m.channels, tuple(m.multipliers), m.num_res_blocks,
                      tuple(m.attention_resolutions), m.dropout_rate,
-                     num_classes, jnp.dtype(m.dtype))
+                     num_classes, jnp.dtype(m.dtype),
+                     remat=m.get("remat", "none"))
   if name == "dit":
     return dit.DiT(m.patch_size, m.hidden_size, m.depth, m.num_heads,
                    m.mlp_ratio, num_classes, learn_sigma=False,
-                   dtype=jnp.dtype(m.dtype))
+                   dtype=jnp.dtype(m.dtype), remat=m.get("remat", "none"))
   raise config_lib.ConfigError(
       f"model.name {name!r} is not a diffusion network; choose from "
       f"{MODELS}.")

@@ -66,6 +66,61 @@ def compile_train_step(config, mesh):
                  compiler_options=parallel.compiler_options(config, mesh))
 
 
+def speed_scalars(steps: int, seconds: float, batch_size: int,
+                  flops_per_step: float = 0.0, num_devices: int = 1,
+                  peak_per_device: float | None = None) -> dict[str, float]:
+  """The "speed/" scalars of `steps` train steps that took `seconds`.
+
+  steps_per_s, images_per_s (global batch), step_ms; with the step's FLOPs
+  (`bench.flops_of` the lowered step: the whole global batch) and a
+  device's peak FLOP/s, also tflops_per_s_per_device (achieved, per device
+  of the mesh) and mfu (that over the peak, 0-1).
+  """
+  step_s = seconds / steps
+  scalars = {"steps_per_s": steps / seconds,
+             "images_per_s": steps * batch_size / seconds,
+             "step_ms": 1e3 * step_s}
+  if flops_per_step and peak_per_device:
+    per_device = flops_per_step / step_s / num_devices
+    scalars["tflops_per_s_per_device"] = per_device / 1e12
+    scalars["mfu"] = model_flops_utilization(flops_per_step, step_s,
+                                             num_devices, peak_per_device)
+  return scalars
+
+
+def model_flops_utilization(flops_per_step: float, step_s: float,
+                            num_devices: int,
+                            peak_per_device: float) -> float:
+  """The fraction of the mesh's peak that a step of `flops_per_step` (over
+  all devices) taking `step_s` seconds achieves: flops / (step_s x devices x
+  peak per device)."""
+  return flops_per_step / (step_s * num_devices * peak_per_device)
+
+
+def step_flops_and_peak(config, mesh, lowered) -> tuple[float, float | None]:
+  """(FLOPs of one train step over the global batch, counted as `genimg
+  bench` counts them on the lowered step; the published peak FLOP/s of one
+  of the mesh's devices for config.model.dtype, or None: CPUs and devices
+  without a published peak, which get no MFU)."""
+  from genimg_jax import bench  # pylint: disable=g-import-not-at-top
+  device = mesh.devices.flat[0]
+  if device.platform == "cpu":
+    return 0.0, None
+  dtype = config.get("model", {}).get("dtype", "float32")
+  peak = bench.published_peak(device, dtype, bench.float32_matmul(device))
+  return bench.flops_of(lowered), None if peak is None else peak[0]
+
+
+def speed_postfix(scalars: dict[str, float]) -> dict[str, str]:
+  """The progress bar's short form of `speed_scalars`."""
+  postfix = {"img/s": f"{scalars['images_per_s']:.4g}",
+             "ms/step": f"{scalars['step_ms']:.4g}"}
+  if "mfu" in scalars:
+    postfix["TFLOP/s/dev"] = f"{scalars['tflops_per_s_per_device']:.4g}"
+    postfix["MFU"] = f"{100 * scalars['mfu']:.1f}%"
+  return postfix
+
+
 def parameter_counts(state) -> dict[str, int]:
   """{module path: parameter count} of the trained parameters in `state`
   (every `params` collection, e.g. `g/Generator_0/ConvTranspose_0` for a
@@ -197,6 +252,9 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     epath.Path(checkpoint.workdir_path(workdir, "config.json")).write_text(
         config.to_json_best_effort(indent=2))
   train_step = compile_train_step(config, mesh)
+  compiled_step = None  # Lowered and compiled once, at the first batch.
+  flops_per_step, peak_per_device = 0.0, None
+  speed = {}  # The last window's speed_postfix, shown with the losses.
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
                                                    workdir)
   step_rng = parallel.replicate(step_rng, mesh)
@@ -251,12 +309,18 @@ def _train_and_evaluate(config, workdir, stop_at_step):
       batches = data.train_batches(train_source, config.batch_size,
                                    config.seed, start_step, num_steps, mesh)
       for step, batch in batches:
-        state, metrics = train_step(state, batch, step_rng)
+        if compiled_step is None:
+          lowered = train_step.lower(state, batch, step_rng)
+          flops_per_step, peak_per_device = step_flops_and_peak(config, mesh,
+                                                                lowered)
+          compiled_step = lowered.compile()
+          window_start = time.perf_counter()  # Speeds leave out compiling.
+        state, metrics = compiled_step(state, batch, step_rng)
         if pending is not None:
           last = flush_pending()
-          progress.set_postfix({k: f"{v:.4g}" for k, v in last.items()
-                                if "loss" in k or k == "accuracy"},
-                               refresh=False)
+          progress.set_postfix({**{k: f"{v:.4g}" for k, v in last.items()
+                                   if "loss" in k or k == "accuracy"},
+                                **speed}, refresh=False)
         pending = (step + 1, metrics)  # Logged as the step count after it.
         if step == start_step and cache_dir:
           hits, misses = cache_counter.counts()
@@ -268,10 +332,12 @@ def _train_and_evaluate(config, workdir, stop_at_step):
         stopping = preemption.requested(done) or done == stop_at_step
         if done % config.log_every == 0:
           jax.block_until_ready(state.step)
-          seconds = time.perf_counter() - window_start
-          writer.write(done, {"steps_per_s": window_steps / seconds,
-                              "images_per_s": window_steps * config.batch_size
-                                              / seconds}, prefix="speed")
+          scalars = speed_scalars(
+              window_steps, time.perf_counter() - window_start,
+              config.batch_size, flops_per_step, int(mesh.devices.size),
+              peak_per_device)
+          writer.write(done, scalars, prefix="speed")
+          speed = speed_postfix(scalars)
           writer.write(done, optim.learning_rates(config.optimizer, num_steps,
                                                   done - 1), prefix="optimizer")
           window_start, window_steps = time.perf_counter(), 0

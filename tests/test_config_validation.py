@@ -201,3 +201,17 @@ def test_num_workers_may_change_on_resume():
   assert config_lib.fingerprint_mismatches(
       config_lib.model_fingerprint(config),
       config_lib.model_fingerprint(changed)) == []
+
+
+@pytest.mark.parametrize("experiment", ["ddpm", "dit", "flow", "ddpm_cond"])
+def test_remat_may_change_on_resume_and_takes_three_values(experiment):
+  config = config_lib.load_config_file(experiment)
+  assert config.model.remat == "none"
+  changed = config_lib.apply_overrides(config, ["model.remat=blocks"])
+  config_lib.validate(changed)
+  assert config_lib.fingerprint_mismatches(
+      config_lib.model_fingerprint(config),
+      config_lib.model_fingerprint(changed)) == []
+  with pytest.raises(config_lib.ConfigError, match="model.remat"):
+    config_lib.validate(config_lib.apply_overrides(config,
+                                                   ["model.remat=some"]))

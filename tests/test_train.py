@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genimg_jax import checkpoint, classifier, cli, parallel, train
+from genimg_jax import bench, checkpoint, classifier, cli, parallel, train
 from conftest import REPO, tiny_config
 
 
@@ -150,6 +150,56 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, idx_dir):
                      match="(?s)different experiment.*model.name: 'cnn' -> "
                            "'resnet'"):
     train.train_and_evaluate(other, workdir)
+
+
+def test_speed_scalars_and_mfu_with_a_fake_peak():
+  """MFU = step FLOPs / (step time x devices x peak per device)."""
+  # 8 devices, 4e12 FLOPs a step in 0.5 s: 1e12 FLOP/s per device, half of
+  # a 2e12 peak.
+  scalars = train.speed_scalars(10, 5.0, 64, flops_per_step=4e12,
+                                num_devices=8, peak_per_device=2e12)
+  assert scalars == pytest.approx({
+      "steps_per_s": 2.0, "images_per_s": 128.0, "step_ms": 500.0,
+      "tflops_per_s_per_device": 1.0, "mfu": 0.5})
+  assert train.model_flops_utilization(4e12, 0.5, 8, 2e12) == 0.5
+  # No peak (CPUs): no MFU.
+  assert set(train.speed_scalars(10, 5.0, 64, 4e12, 8, None)) == {
+      "steps_per_s", "images_per_s", "step_ms"}
+  assert train.speed_postfix(scalars) == {
+      "img/s": "128", "ms/step": "500", "TFLOP/s/dev": "1", "MFU": "50.0%"}
+
+
+def test_training_logs_throughput_and_mfu(tmp_path, idx_dir, monkeypatch):
+  """metrics.jsonl's speed rows: images/s and step ms every log_every steps;
+  with a (fake) peak, MFU from the lowered step's FLOPs over 2 devices."""
+  counted = []
+
+  def fake_flops_and_peak(config, mesh, lowered):
+    del config, mesh
+    counted.append(bench.flops_of(lowered))
+    return counted[-1], 1e9
+
+  monkeypatch.setattr(train, "step_flops_and_peak", fake_flops_and_peak)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(
+      tiny_config(idx_dir, **{"mesh.num_devices": 2}), workdir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  speed = [r for r in rows if r["split"] == "speed"]
+  assert [r["step"] for r in speed] == [2, 4, 6]
+  assert len(counted) == 1 and counted[0] > 0  # Counted once, not per step.
+  for r in speed:
+    assert 0 < r["step_ms"] < 60e3
+    assert r["images_per_s"] == pytest.approx(16e3 / r["step_ms"])
+    assert r["steps_per_s"] == pytest.approx(1e3 / r["step_ms"])
+    per_device = counted[0] / (r["step_ms"] / 1e3) / 2
+    assert r["tflops_per_s_per_device"] == pytest.approx(per_device / 1e12)
+    assert r["mfu"] == pytest.approx(per_device / 1e9)
+
+
+def test_cpu_runs_get_no_mfu(idx_dir):
+  config = tiny_config(idx_dir)
+  mesh = parallel.make_mesh(1)
+  assert train.step_flops_and_peak(config, mesh, None) == (0.0, None)
 
 
 def test_nan_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, idx_dir,

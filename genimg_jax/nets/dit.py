@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genimg_jax.nets import layers
+
 # name -> (hidden_size, depth, num_heads); mlp_ratio 4 for all.
 DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
              "XL": (1152, 28, 16)}
@@ -221,6 +223,9 @@ class DiT(nn.Module):
     learn_sigma: 2C output channels (the official DiT's variance output;
       the diffusion family's MSE objectives use C).
     dtype: of the activations; parameters are float32.
+    remat: "none", "blocks" (every transformer block recomputed in the
+      backward pass, `layers.REMAT_POLICY`) or "full" (the whole network).
+      The parameters and the gradients are the same.
   """
   patch_size: int = 2
   hidden_size: int = 1152
@@ -230,9 +235,19 @@ class DiT(nn.Module):
   num_classes: int = 0
   learn_sigma: bool = False
   dtype: Any = jnp.float32
+  remat: str = "none"
+
+  def __call__(self, x_BHWC, time_B, labels_B=None, train: bool = False):
+    layers.check_remat(self.remat)
+    if self.remat == "full":
+      return nn.remat(type(self).forward, policy=layers.REMAT_POLICY,
+                      static_argnums=(4,))(self, x_BHWC, time_B, labels_B,
+                                           train)
+    return self.forward(x_BHWC, time_B, labels_B, train)
 
   @nn.compact
-  def __call__(self, x_BHWC, time_B, labels_B=None, train: bool = False):
+  def forward(self, x_BHWC, time_B, labels_B=None, train: bool = False):
+    """`__call__` without whole-network remat."""
     del train  # No dropout: labels are dropped by the family's step.
     b, height, width, channels = x_BHWC.shape
     p, d = self.patch_size, self.hidden_size
@@ -259,8 +274,9 @@ class DiT(nn.Module):
                              embedding_init=nn.initializers.normal(0.02),
                              name="y_embedder")(labels_B)
 
+    block_class = layers.remat_if(DiTBlock, self.remat == "blocks")
     for i in range(self.depth):
-      x_BTD = DiTBlock(self.num_heads, self.mlp_ratio, self.dtype,
+      x_BTD = block_class(self.num_heads, self.mlp_ratio, self.dtype,
                        name=f"blocks_{i}")(x_BTD, c_BD)
     out_channels = 2 * channels if self.learn_sigma else channels
     x_BTD = FinalLayer(p, out_channels, self.dtype, name="final_layer")(

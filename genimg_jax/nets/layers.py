@@ -336,3 +336,33 @@ class ConvStride2(_SameConv):
 
   def convolve(self, x_BHWC, kernel_KKIO):
     return conv_stride2_same(x_BHWC, kernel_KKIO)
+
+
+# config.model.remat: what the networks that support it recompute in the
+# backward pass instead of keeping from the forward.
+REMAT_MODES = ("none", "blocks", "full")
+# "blocks" keeps only each block's inputs and recomputes its inside, dots
+# included (`nothing_saveable`): a block's activations live only while its
+# gradient is computed. `dots_with_no_batch_dims_saveable` would keep the
+# same here: every matmul and convolution of these networks has the batch
+# as a dimension.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
+
+
+def check_remat(remat: str) -> None:
+  if remat not in REMAT_MODES:
+    raise ValueError(f"remat {remat!r}: choose from {REMAT_MODES}.")
+
+
+def remat_if(module_class, enabled: bool, static_argnums=()):
+  """`module_class`, or `nn.remat` of it with `REMAT_POLICY` when `enabled`.
+
+  static_argnums: of `__call__`, counting self as 0 (Python bools such as
+  `train`). `nn.remat` renames the class (CheckpointX), so instances must be
+  given explicit names to keep the parameter tree of the plain class.
+  """
+  if not enabled:
+    return module_class
+  return nn.remat(module_class, policy=REMAT_POLICY,
+                  static_argnums=static_argnums)
+

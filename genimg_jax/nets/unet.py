@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genimg_jax.nets import layers
+
 zeros_init = nn.initializers.zeros
 
 
@@ -94,6 +96,9 @@ class UNet(nn.Module):
     dropout_rate: in every residual block, when `train`.
     num_classes: > 0 adds a class embedding of num_classes + 1 rows (the
       last is "no label").
+    remat: "none", "blocks" (every residual and attention block recomputed
+      in the backward pass, `layers.REMAT_POLICY`) or "full" (the whole
+      network). The parameters and the gradients are the same.
   """
   channels: int = 128
   multipliers: Sequence[int] = (1, 2, 2, 2)
@@ -102,11 +107,36 @@ class UNet(nn.Module):
   dropout_rate: float = 0.1
   num_classes: int = 0
   dtype: Any = jnp.float32
+  remat: str = "none"
+
+  def __call__(self, x_BHWC, time_B, labels_B=None, train: bool = False):
+    layers.check_remat(self.remat)
+    if self.remat == "full":
+      return nn.remat(type(self).forward, policy=layers.REMAT_POLICY,
+                      static_argnums=(4,))(self, x_BHWC, time_B, labels_B,
+                                           train)
+    return self.forward(x_BHWC, time_B, labels_B, train)
 
   @nn.compact
-  def __call__(self, x_BHWC, time_B, labels_B=None, train: bool = False):
-    block = lambda features: ResidualBlock(features, self.dropout_rate,
-                                           self.dtype)
+  def forward(self, x_BHWC, time_B, labels_B=None, train: bool = False):
+    """`__call__` without whole-network remat."""
+    blocks = self.remat == "blocks"
+    residual_class = layers.remat_if(ResidualBlock, blocks,
+                                     static_argnums=(3,))
+    attention_class = layers.remat_if(AttentionBlock, blocks)
+    counts = {"res": 0, "attn": 0}
+
+    def block(features):
+      # Named as Flax names the plain classes, with or without remat.
+      counts["res"] += 1
+      return residual_class(features, self.dropout_rate, self.dtype,
+                            name=f"ResidualBlock_{counts['res'] - 1}")
+
+    def attention_block():
+      counts["attn"] += 1
+      return attention_class(self.dtype,
+                             name=f"AttentionBlock_{counts['attn'] - 1}")
+
     temb = timestep_embedding(time_B, self.channels)
     temb = nn.Dense(4 * self.channels, dtype=self.dtype)(temb)
     temb = nn.Dense(4 * self.channels, dtype=self.dtype)(nn.silu(temb))
@@ -124,14 +154,14 @@ class UNet(nn.Module):
       for _ in range(self.num_res_blocks):
         h = block(self.channels * multiplier)(h, temb, train)
         if h.shape[1] in self.attention_resolutions:
-          h = AttentionBlock(self.dtype)(h)
+          h = attention_block()(h)
         skips.append(h)
       if level != len(self.multipliers) - 1:
         h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype)(h)
         skips.append(h)
 
     h = block(h.shape[-1])(h, temb, train)
-    h = AttentionBlock(self.dtype)(h)
+    h = attention_block()(h)
     h = block(h.shape[-1])(h, temb, train)
 
     for level, multiplier in reversed(list(enumerate(self.multipliers))):
@@ -139,7 +169,7 @@ class UNet(nn.Module):
         h = block(self.channels * multiplier)(
             jnp.concatenate([h, skips.pop()], axis=-1), temb, train)
         if h.shape[1] in self.attention_resolutions:
-          h = AttentionBlock(self.dtype)(h)
+          h = attention_block()(h)
       if level != 0:
         skip_hw = skips[-1].shape[1:3]  # 7 -> 4 -> 7 on 28 x 28 images.
         h = jax.image.resize(h, (h.shape[0], *skip_hw, h.shape[-1]),
