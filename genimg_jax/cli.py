@@ -6,6 +6,7 @@
   genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
       [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1]
   genimg export-features --workdir DIR --output FILE
+  genimg export-autoencoder --workdir DIR --output FILE
   genimg convert-inception --pth pt_inception-2015-12-05-6726825d.pth \
       --output inception.msgpack
   genimg convert-autoencoder --input sd-vae-ft-mse/ --output sd_vae.msgpack
@@ -106,6 +107,15 @@ def _parser():
   export.add_argument("--output", required=True,
                       help="FILE (msgpack); FILE.json gets shapes and SHA-256;"
                            " use with --config.feature_network=FILE")
+  export_ae = sub.add_parser(
+      "export-autoencoder",
+      help="write a trained KL autoencoder (experiments/autoencoder_kl.py) "
+           "for genimg_jax.autoencoder.load and --config.diffusion."
+           "autoencoder, with its scaling factor")
+  export_ae.add_argument("--workdir", required=True)
+  export_ae.add_argument("--output", required=True,
+                         help="FILE (msgpack); FILE.json gets the config "
+                              "(scaling_factor too) and the SHA-256")
   convert = sub.add_parser(
       "convert-inception",
       help="convert pytorch-fid's Inception weights (.pth, needs torch) for "
@@ -262,6 +272,8 @@ def main(argv=None) -> int:
                                           args.limit)
     elif args.command == "export-features":
       metrics = train.export_feature_network(args.workdir, args.output)
+    elif args.command == "export-autoencoder":
+      metrics = train.export_autoencoder(args.workdir, args.output)
     else:
       from genimg_jax import bench  # pylint: disable=g-import-not-at-top
       import jax  # pylint: disable=g-import-not-at-top

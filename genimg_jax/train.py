@@ -25,13 +25,14 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from genimg_jax import checkpoint, classifier, config as config_lib, data
+from genimg_jax import autoencoder_family, checkpoint, classifier
+from genimg_jax import config as config_lib, data
 from genimg_jax import diffusion, gan, images as images_lib, metrics_writer
 from genimg_jax import optim, parallel
 from genimg_jax import preemption as preemption_lib, quality, vae
 
 FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae,
-            "diffusion": diffusion}
+            "diffusion": diffusion, "autoencoder": autoencoder_family}
 
 
 def family_module(config):
@@ -441,3 +442,16 @@ def export_feature_network(workdir: str, output: str) -> dict:
       state, config.model, output, tuple(config.data.image_shape),
       config.data.num_classes)
   return {"step": int(jax.device_get(state.step)), "output": output, **meta}
+
+
+def export_autoencoder(workdir: str, output: str) -> dict:
+  """Writes the latest KL autoencoder of `workdir` (experiments/
+  autoencoder_kl.py) as `output` and `output.json` for
+  `autoencoder.load`, with its scaling factor."""
+  config, mesh, state = restore_workdir(workdir)
+  if config.family != "autoencoder":
+    raise config_lib.ConfigError(
+        f"{workdir!r} trained a {config.family}, not an autoencoder: train "
+        "experiments/autoencoder_kl.py and export that.")
+  return {"output": output, **autoencoder_family.export(
+      config, mesh, state, output, workdir)}
