@@ -367,6 +367,10 @@ FIELD_RULES: dict[str, Rule] = {
     "autoencoder.mid_block_attention": _BOOL,
     "autoencoder.kl_weight": _number(0.0),
     "autoencoder.loss": _choice("l1", "l2"),
+    "diffusion.autoencoder": Rule(str, note="'': pixel space; FILE: the "
+                                  "KL autoencoder of diffusion.latents"),
+    "diffusion.latents": Rule(str, note="'': pixel space; DIR from `genimg "
+                              "encode-latents`"),
     "diffusion.objective": _choice("eps", "v", "flow"),
     "diffusion.schedule": _choice("linear", "cosine"),
     "diffusion.num_timesteps": _integer(2),
@@ -420,6 +424,12 @@ def _dit_problems(flat: dict) -> list[str]:
     problems.append(f"model.hidden_size={hidden}: the 2-D position "
                     "embedding needs a multiple of 4")
   shape = flat.get("data.image_shape")
+  if flat.get("diffusion.latents"):  # The latents' shape, once they exist.
+    try:
+      with open(os.path.join(flat["diffusion.latents"], "latents.json")) as f:
+        shape = json.load(f)["latent_shape"]
+    except (OSError, ValueError, KeyError):
+      shape = None
   if shape and (shape[0] % patch or shape[1] % patch):
     problems.append(f"model.patch_size={patch}: the images "
                     f"({shape[0]} x {shape[1]}) are not divisible into "
@@ -481,6 +491,17 @@ def _cross_field_problems(flat: dict) -> list[str]:
       problems += _dit_problems(flat)
   if family == "autoencoder":
     problems += _autoencoder_problems(flat)
+  if family == "diffusion" and bool(get("diffusion.latents")) != bool(
+      get("diffusion.autoencoder")):
+    problems.append(
+        f"diffusion.latents={get('diffusion.latents', '')!r}, diffusion."
+        f"autoencoder={get('diffusion.autoencoder', '')!r}: a latent run "
+        "needs both (the latents, and the autoencoder that decodes them)")
+  if (family == "diffusion" and get("diffusion.latents")
+      and get("diffusion.clip_denoised")
+      and get("diffusion.objective") != "flow"):
+    problems.append("diffusion.clip_denoised=True: latents are not in "
+                    "[-1, 1]; set diffusion.clip_denoised=false")
   if get("family") == "diffusion" and "diffusion.sampler" in flat:
     flow = get("diffusion.objective") == "flow"
     allowed = ("euler", "heun") if flow else ("ddpm", "ddim")

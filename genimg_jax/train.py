@@ -42,6 +42,15 @@ def family_module(config):
   return FAMILIES[config.family]
 
 
+def load_split(config, split: str, workdir: str | None = None):
+  """The source the family trains or evaluates on: `family.load_split` where
+  it has one (latent diffusion), else `data.load_split`."""
+  family = family_module(config)
+  if hasattr(family, "load_split"):
+    return family.load_split(config, split, workdir)
+  return data.load_split(config.data, split, workdir)
+
+
 def total_steps(config, num_train_examples: int) -> int:
   """config.num_steps if set, else num_epochs whole passes over the data."""
   if config.num_steps:
@@ -175,8 +184,8 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   cache_counter = CompileCacheCounter()
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_global_batch(config.batch_size, mesh)
-  train_source = data.load_split(config.data, "train", workdir)
-  eval_source = data.load_split(config.data, config.data.eval_split, workdir)
+  train_source = load_split(config, "train", workdir)
+  eval_source = load_split(config, config.data.eval_split, workdir)
   num_steps = total_steps(config, len(train_source))
 
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
@@ -368,7 +377,7 @@ def evaluate_workdir(workdir: str, overrides=(),
   evaluates it."""
   config, mesh, state = restore_workdir(workdir, overrides, which)
   config = without_unfit_fid(config)
-  eval_source = data.load_split(config.data, config.data.eval_split, workdir)
+  eval_source = load_split(config, config.data.eval_split, workdir)
   step = int(jax.device_get(state.step))
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
                                                    workdir)
