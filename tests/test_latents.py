@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genimg_jax import autoencoder, cli, config as config_lib, data, latents
+from genimg_jax import autoencoder, cli, config as config_lib, data
+from genimg_jax import diffusion, latents
 from genimg_jax import parallel, train
 from genimg_jax.nets.autoencoder_kl import AutoencoderKL
 from conftest import tiny_config
@@ -117,9 +118,21 @@ def test_latent_config_checks(tmp_path, idx_dir):
   config = _config(tmp_path, idx_dir)
   with pytest.raises(data.DataError, match="encode-latents"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  # Latents of another autoencoder are refused.
   latents.encode_latents(config, config.diffusion.autoencoder,
                          config.diffusion.latents)
+  # What the train step sees: SCALE * (a posterior draw).
+  settings = diffusion.settings_from_config(config)
+  assert settings.latent and settings.scaling_factor == SCALE
+  assert diffusion.model_shape(config) == (14, 14, 2)
+  moments = latents.load_split(config, "test").images[:4]
+  key = jax.random.key(1)
+  eps = jax.random.normal(jax.random.fold_in(key, latents.LATENT_STREAM),
+                          (4, 14, 14, 2))
+  mean, logvar = np.split(moments, 2, -1)
+  np.testing.assert_allclose(
+      diffusion.clean_input(settings, jnp.asarray(moments), key, train=True),
+      SCALE * (mean + np.exp(0.5 * logvar) * eps), rtol=1e-5, atol=1e-6)
+  # Latents of another autoencoder are refused.
   other = str(tmp_path / "other")
   os.makedirs(other)
   other = _autoencoder_file(other, seed=4)
