@@ -14,7 +14,8 @@ SiT (flow matching on the same latents):
   genimg train --config experiments/latent_dit.py --workdir workdirs/latent_sit \
       --config.diffusion.objective=flow --config.diffusion.sampler=euler
 
-local: DiT with hidden 64, depth 4, 4 heads, patches of 1 (49 tokens on
+local: DiT with hidden 64, depth 4, 4 heads, patches of 1 (0.33M
+parameters, 49 tokens on
 7 x 7 latents), class-conditional (labels dropped with probability 0.1),
 batch 64, 2,000 steps, Adam 1e-3 (cosine, 200 warm-up steps), gradients
 clipped at norm 1, EMA 0.999 with warm-up; DDIM with 10 steps. On other
@@ -24,7 +25,7 @@ workdirs/latents_DATASET.
 full: the DiT paper's set-up: the SD VAE converted by `genimg
 convert-autoencoder` (config.diffusion.autoencoder = sd_vae.msgpack; 8x
 down, 256 x 256 x 3 images -> 32 x 32 x 4 latents), DiT-XL/2 (hidden
-1152, depth 28, 16 heads, patches of 2; 675M parameters), batch 256, Adam
+1152, depth 28, 16 heads, patches of 2; 674.8M parameters), batch 256, Adam
 1e-4 constant, no weight decay, warm-up or clipping, EMA 0.9999 from the
 first step, class dropout 0.1, random flips (with data.random_flip;
 encode-latents then stores the mirrored images' moments too), eps
