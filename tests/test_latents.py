@@ -204,3 +204,13 @@ def test_latent_fid_grids_and_sample_command(tmp_path, idx_dir, capsys):
   with np.load(output) as f:
     assert f["arr_0"].shape == (5, 28, 28, 1) and f["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(f["labels"], np.arange(5))
+
+
+def test_compile_lowers_the_latent_step(tmp_path, idx_dir):
+  from genimg_jax import aot  # pylint: disable=g-import-not-at-top
+  config = _encoded_config(tmp_path, idx_dir, **{"data.random_flip": True})
+  _, batch, _ = aot.abstract_inputs(config, parallel.make_mesh(8), 10)
+  assert batch["image"].shape == (16, 14, 14, 8)
+  assert batch["image"].dtype == jnp.float32
+  lowered = aot.lower_train_step(config, jax.devices()[:2], 10)
+  assert lowered is not None
