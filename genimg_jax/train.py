@@ -240,8 +240,10 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     writer.flush()
     if best_ckpt is not None and checkpoint.BEST_METRIC in eval_metrics:
       best_ckpt.save(done, state, eval_metrics)
-    writer.write_images(done, images_lib.read_grids(
-        checkpoint.workdir_path(workdir, "samples"), done))
+    if jax.process_index() == 0:  # The writer: other processes would read
+      # grids that process 0 may still be writing.
+      writer.write_images(done, images_lib.read_grids(
+          checkpoint.workdir_path(workdir, "samples"), done))
     progress.write(f"step {done}: eval " + ", ".join(
         f"{k}={v:.4f}" for k, v in eval_metrics.items()))
     return eval_metrics
