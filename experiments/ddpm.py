@@ -79,6 +79,11 @@ def get_config(arg=""):
   # ddim: "trailing" (from T - 1), "leading" (diffusers'), "uniform" or
   # "quadratic" (DDIM's tables); see samplers.ddim_timesteps.
   config.diffusion.ddim_spacing = "trailing"
+  # Latent diffusion (experiments/latent_dit.py, docs/latent.md): the
+  # latents of `genimg encode-latents` and the autoencoder that decodes
+  # them; "" and "": pixel space.
+  config.diffusion.latents = ""
+  config.diffusion.autoencoder = ""
 
   config.optimizer = common.get_optimizer_config(
       "adam", 1e-3 if local else 2e-4, "cosine" if local else "constant",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from genimg_jax import parallel, train
+from genimg_jax import latents, parallel, train
 
 
 class TopologyError(ValueError):
@@ -43,7 +43,8 @@ def abstract_inputs(config, mesh: Mesh, num_steps: int):
   """(state, batch, rng) as `jax.ShapeDtypeStruct`s with the trainer's
   shardings: the family's state replicated (shapes by `jax.eval_shape`, no
   parameters are made), the batch ("image" uint8 [B, H, W, C], "label" int32
-  [B]) sharded on "data", the step key replicated."""
+  [B]; for latent diffusion float32 moments [B, h, w, 2c or 4c]) sharded on
+  "data", the step key replicated."""
   family = train.family_module(config)
   key = jax.random.key(0)
   state = jax.eval_shape(
@@ -53,8 +54,12 @@ def abstract_inputs(config, mesh: Mesh, num_steps: int):
       x.shape, x.dtype, sharding=sharding))
   state = jax.tree.map(with_sharding(replicated), state)
   b = config.batch_size
-  batch = {"image": jax.ShapeDtypeStruct((b, *config.data.image_shape),
-                                         jnp.uint8, sharding=sharded),
+  image = ((b, *config.data.image_shape), jnp.uint8)
+  if latents.is_latent(config):  # Moments: mean, logvar (and the flips').
+    h, w, c = latents.latent_shape(config)
+    moments = 4 if config.data.get("random_flip", False) else 2
+    image = ((b, h, w, moments * c), jnp.float32)
+  batch = {"image": jax.ShapeDtypeStruct(*image, sharding=sharded),
            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
   rng = with_sharding(replicated)(jax.eval_shape(lambda: key))
   return state, batch, rng

@@ -247,17 +247,26 @@ def convert_diffusers(input_path: str, output_path: str) -> dict:
   contents."""
   state_dict, config, weights_path = read_checkpoint(input_path)
   variables = variables_from_diffusers(state_dict, config)
+  return save(AutoencoderKL(**config), variables, output_path,
+              source=os.path.basename(weights_path),
+              source_sha256=quality.file_sha256(weights_path))
+
+
+def save(model: AutoencoderKL, variables, output_path: str, **extra) -> dict:
+  """Writes OUTPUT (msgpack `variables` of `model`, float32) and OUTPUT.json
+  (network, the model's config with its scaling_factor, parameter count,
+  SHA-256, and `extra` fields) for `load`. Returns the .json's contents."""
+  variables = jax.tree.map(lambda x: np.asarray(x, np.float32),
+                           jax.device_get(variables))
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   with open(output_path, "wb") as f:
     f.write(flax.serialization.msgpack_serialize(variables))
-  full_config = {f: getattr(AutoencoderKL(**config), f) for f in CONFIG_FIELDS}
+  full_config = {f: getattr(model, f) for f in CONFIG_FIELDS}
   full_config["block_out_channels"] = list(full_config["block_out_channels"])
   meta = {"network": NETWORK, "config": full_config,
           "num_params": int(sum(np.size(x) for x in
                                 jax.tree.leaves(variables))),
-          "source": os.path.basename(weights_path),
-          "source_sha256": quality.file_sha256(weights_path),
-          "sha256": quality.file_sha256(output_path)}
+          **extra, "sha256": quality.file_sha256(output_path)}
   with open(output_path + ".json", "w") as f:
     json.dump(meta, f, indent=2)
   return meta

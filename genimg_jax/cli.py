@@ -7,6 +7,8 @@
   genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
       [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1]
   genimg export-features --workdir DIR --output FILE
+  genimg export-autoencoder --workdir DIR --output FILE
+  genimg encode-latents --config C --autoencoder FILE --output DIR
   genimg convert-inception --pth pt_inception-2015-12-05-6726825d.pth \
       --output inception.msgpack
   genimg convert-autoencoder --input sd-vae-ft-mse/ --output sd_vae.msgpack
@@ -157,6 +159,28 @@ def _parser():
   export.add_argument("--output", required=True,
                       help="FILE (msgpack); FILE.json gets shapes and SHA-256;"
                            " use with --config.feature_network=FILE")
+  export_ae = sub.add_parser(
+      "export-autoencoder",
+      help="write a trained KL autoencoder (experiments/autoencoder_kl.py) "
+           "for genimg_jax.autoencoder.load and --config.diffusion."
+           "autoencoder, with its scaling factor")
+  export_ae.add_argument("--workdir", required=True)
+  export_ae.add_argument("--output", required=True,
+                         help="FILE (msgpack); FILE.json gets the config "
+                              "(scaling_factor too) and the SHA-256")
+  encode = sub.add_parser(
+      "encode-latents",
+      help="encode a config's train and eval splits with a KL autoencoder "
+           "for --config.diffusion.latents=OUTPUT")
+  encode.add_argument("--config", required=True,
+                      help="an experiments/*.py file or a config name (its "
+                           "data, eval_batch_size, mesh)")
+  encode.add_argument("--autoencoder", required=True,
+                      help="FILE from export-autoencoder or "
+                           "convert-autoencoder")
+  encode.add_argument("--output", required=True,
+                      help="DIR: train.npz, SPLIT.npz (mean, logvar, label) "
+                           "and latents.json")
   convert = sub.add_parser(
       "convert-inception",
       help="convert pytorch-fid's Inception weights (.pth, needs torch) for "
@@ -321,6 +345,13 @@ def main(argv=None) -> int:
                                           args.limit)
     elif args.command == "export-features":
       metrics = train.export_feature_network(args.workdir, args.output)
+    elif args.command == "encode-latents":
+      from genimg_jax import latents  # pylint: disable=g-import-not-at-top
+      config = config_lib.apply_overrides(
+          config_lib.load_config_file(args.config), overrides)
+      metrics = latents.encode_latents(config, args.autoencoder, args.output)
+    elif args.command == "export-autoencoder":
+      metrics = train.export_autoencoder(args.workdir, args.output)
     else:
       from genimg_jax import bench  # pylint: disable=g-import-not-at-top
       import jax  # pylint: disable=g-import-not-at-top

@@ -287,7 +287,7 @@ _OPTIMIZER_RULES = {
 }
 
 FIELD_RULES: dict[str, Rule] = {
-    "family": _choice("classifier", "gan", "vae", "diffusion"),
+    "family": _choice("classifier", "gan", "vae", "diffusion", "autoencoder"),
     "seed": _integer(0),
     "batch_size": _integer(1, note="the global batch, over all devices"),
     "num_steps": _integer(0, note="0: num_epochs passes instead"),
@@ -359,6 +359,19 @@ FIELD_RULES: dict[str, Rule] = {
     "vae.iw_samples": _integer(0, note="0: no importance-weighted bound"),
     "vae.latent_dim": _integer(1),
     "vae.likelihood": _choice("bernoulli", "logistic"),
+    "autoencoder.block_out_channels": Rule(tuple, check=_ints_tuple(
+        1, empty_ok=False), note="one level each; all but the last halve "
+        "the side"),
+    "autoencoder.layers_per_block": _integer(1),
+    "autoencoder.latent_channels": _integer(1),
+    "autoencoder.norm_num_groups": _integer(1),
+    "autoencoder.mid_block_attention": _BOOL,
+    "autoencoder.kl_weight": _number(0.0),
+    "autoencoder.loss": _choice("l1", "l2"),
+    "diffusion.autoencoder": Rule(str, note="'': pixel space; FILE: the "
+                                  "KL autoencoder of diffusion.latents"),
+    "diffusion.latents": Rule(str, note="'': pixel space; DIR from `genimg "
+                              "encode-latents`"),
     "diffusion.objective": _choice("eps", "v", "flow"),
     "diffusion.schedule": _choice("linear", "cosine"),
     "diffusion.num_timesteps": _integer(2),
@@ -412,10 +425,33 @@ def _dit_problems(flat: dict) -> list[str]:
     problems.append(f"model.hidden_size={hidden}: the 2-D position "
                     "embedding needs a multiple of 4")
   shape = flat.get("data.image_shape")
+  if flat.get("diffusion.latents"):  # The latents' shape, once they exist.
+    try:
+      with open(os.path.join(flat["diffusion.latents"], "latents.json")) as f:
+        shape = json.load(f)["latent_shape"]
+    except (OSError, ValueError, KeyError):
+      shape = None
   if shape and (shape[0] % patch or shape[1] % patch):
     problems.append(f"model.patch_size={patch}: the images "
                     f"({shape[0]} x {shape[1]}) are not divisible into "
                     f"{patch} x {patch} patches")
+  return problems
+
+
+def _autoencoder_problems(flat: dict) -> list[str]:
+  """KL autoencoder sizes that cannot build or do not give the image back."""
+  problems = []
+  channels = tuple(flat["autoencoder.block_out_channels"])
+  groups = flat["autoencoder.norm_num_groups"]
+  if any(c % groups for c in channels):
+    problems.append(f"autoencoder.norm_num_groups={groups}: does not divide "
+                    f"every block_out_channels {channels}")
+  factor = 2 ** (len(channels) - 1)
+  shape = flat.get("data.image_shape")
+  if shape and (shape[0] % factor or shape[1] % factor):
+    problems.append(f"autoencoder.block_out_channels={channels}: "
+                    f"{len(channels) - 1} halvings need image sides "
+                    f"divisible by {factor}, not {shape[0]} x {shape[1]}")
   return problems
 
 
@@ -454,6 +490,19 @@ def _cross_field_problems(flat: dict) -> list[str]:
           f"{'dit' if name == 'dit' else 'ddpm'}.py has them)")
     elif name == "dit":
       problems += _dit_problems(flat)
+  if family == "autoencoder":
+    problems += _autoencoder_problems(flat)
+  if family == "diffusion" and bool(get("diffusion.latents")) != bool(
+      get("diffusion.autoencoder")):
+    problems.append(
+        f"diffusion.latents={get('diffusion.latents', '')!r}, diffusion."
+        f"autoencoder={get('diffusion.autoencoder', '')!r}: a latent run "
+        "needs both (the latents, and the autoencoder that decodes them)")
+  if (family == "diffusion" and get("diffusion.latents")
+      and get("diffusion.clip_denoised")
+      and get("diffusion.objective") != "flow"):
+    problems.append("diffusion.clip_denoised=True: latents are not in "
+                    "[-1, 1]; set diffusion.clip_denoised=false")
   if get("family") == "diffusion" and "diffusion.sampler" in flat:
     flow = get("diffusion.objective") == "flow"
     allowed = ("euler", "heun") if flow else ("ddpm", "ddim")

@@ -24,6 +24,13 @@ sampling with scale s: out = out(no label) + s (out(label) - out(no label));
 s = 1 is the conditional model, s = 0 the unconditional one; s = 1 + w for
 Ho & Salimans' guidance weight w (w = 0.3: s = 1.3).
 The EMA of the parameters (state.ema_params) is what samples and evaluates.
+
+Latent diffusion (config.diffusion.latents, `latents.py`): the batches hold
+float32 posterior moments of a KL autoencoder instead of uint8 images; the
+step trains on z = scaling_factor * (mean + exp(logvar / 2) eps), drawn
+from the step's rng, the network sees the latent shape, and the samplers
+run in latent space (no clipping) and decode on device to images in
+[-1, 1] for grids, FID and `genimg sample`.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import optax
 from flax.training import train_state
 
 from genimg_jax import config as config_lib, data, images as images_lib
-from genimg_jax import optim, parallel, quality
+from genimg_jax import latents as latents_lib, optim, parallel, quality
 from genimg_jax import samplers
 from genimg_jax.nets import dit, unet
 
@@ -134,6 +141,9 @@ class Settings:
   ema_decay: float = 0.9999
   ema_warmup: bool = True  # See optim.ema_decay_at.
   random_flip: bool = False  # Training images mirrored (data.random_flip).
+  latent: bool = False  # Batches of latent moments (latents.py).
+  scaling_factor: float = 1.0  # Latents only: z = scale (sample - shift).
+  shift_factor: float = 0.0
 
   def alpha_bars(self) -> np.ndarray:
     return alpha_bars_for(self.schedule, self.num_timesteps)
@@ -154,12 +164,32 @@ def settings_from_config(config) -> Settings:
   if d.conditional and config.data.num_classes < 2:
     raise ValueError("diffusion.conditional needs a labelled data set "
                      f"(data.num_classes is {config.data.num_classes}).")
+  latent = {}
+  if latents_lib.is_latent(config):
+    meta = latents_lib.info(config)
+    latent = {"latent": True, "scaling_factor": meta["scaling_factor"],
+              "shift_factor": meta["shift_factor"]}
   return Settings(d.objective, d.schedule, d.num_timesteps,
                   config.data.num_classes if d.conditional else 0,
                   d.label_dropout, d.ema_decay,
                   # Configs saved before these fields: warm-up, no flips.
                   d.get("ema_warmup", True),
-                  config.data.get("random_flip", False))
+                  config.data.get("random_flip", False), **latent)
+
+
+def model_shape(config) -> tuple[int, int, int]:
+  """(H, W, C) the network sees: data.image_shape, or the latents'."""
+  if latents_lib.is_latent(config):
+    return latents_lib.latent_shape(config)
+  return tuple(config.data.image_shape)
+
+
+def load_split(config, split: str, workdir: str | None = None):
+  """The trainer's source of `split`: the images, or with
+  config.diffusion.latents their latent moments (`latents.load_split`)."""
+  if latents_lib.is_latent(config):
+    return latents_lib.load_split(config, split)
+  return data.load_split(config.data, split, workdir)
 
 
 MODELS = ("unet", "dit")
@@ -193,7 +223,7 @@ def create_train_state(config, rng, num_steps) -> TrainState:
   """Fresh state; the EMA starts at the initial parameters. rng: init."""
   settings = settings_from_config(config)
   model = make_model(config, settings.num_classes)
-  params = model.init(rng, jnp.zeros((1, *config.data.image_shape)),
+  params = model.init(rng, jnp.zeros((1, *model_shape(config))),
                       jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
   return TrainState.create(apply_fn=model.apply, params=params,
                            ema_params=params,
@@ -204,6 +234,20 @@ def create_train_state(config, rng, num_steps) -> TrainState:
 def to_model_range(image_uint8):
   """uint8 [0, 255] -> float32 [-1, 1]."""
   return image_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def clean_input(settings: Settings, images, rng, train: bool):
+  """x0 for the network: uint8 images [B, H, W, C] -> [-1, 1] (mirrored
+  at random with settings.random_flip in training), or latent moments ->
+  `latents.draw_latents` (the flips' moments in training with
+  random_flip). rng: the step's (folded with the step)."""
+  flip = settings.random_flip and train
+  if settings.latent:
+    return latents_lib.draw_latents(images, rng, settings.scaling_factor,
+                                    settings.shift_factor, flip)
+  if flip:
+    images = data.random_flip(images, rng)
+  return to_model_range(images)
 
 
 def training_example(settings: Settings, x0, rng):
@@ -236,16 +280,14 @@ def train_step(state: TrainState, batch, rng, *, settings: Settings):
 
   rng (folded with the step): the noise, the times, the label dropout, the
   network's dropout and, with settings.random_flip, the flips
-  (`data.random_flip`). Metrics: loss, grad_norm, param_norm (after the
+  (`data.random_flip`), and for latents the posterior draws
+  (`latents.draw_latents`). Metrics: loss, grad_norm, param_norm (after the
   update), ema_decay (the decay of this step's EMA update).
   """
   rng = jax.random.fold_in(rng, state.step)
   example_rng, label_rng, dropout_rng = jax.random.split(rng, 3)
-  images = batch["image"]
-  if settings.random_flip:
-    images = data.random_flip(images, rng)
-  x_t, time, target_ = training_example(settings, to_model_range(images),
-                                        example_rng)
+  x0 = clean_input(settings, batch["image"], rng, train=True)
+  x_t, time, target_ = training_example(settings, x0, example_rng)
   labels = None
   if settings.num_classes:
     labels = drop_labels(batch["label"], settings.num_classes,
@@ -382,14 +424,17 @@ def sampler_options(config, **overrides) -> SamplerOptions:
 def generate(params, noise_BHWC, labels_B, rng, *, apply_fn,
              settings: Settings, options: SamplerOptions):
   """Images in [-1, 1] [B, H, W, C] from noise [B, H, W, C] (and labels [B]
-  if conditional). rng: the ddpm/ddim(eta > 0) noise."""
+  if conditional); latents (not clipped) for latent models. rng: the
+  ddpm/ddim(eta > 0) noise."""
+  clip = (lambda x: x) if settings.latent else (
+      lambda x: jnp.clip(x, -1.0, 1.0))
   network = guided_network(apply_fn, params, labels_B, settings.num_classes,
                            options.guidance_scale)
   if settings.objective == "flow":
     solver = {"euler": samplers.euler_sample,
               "heun": samplers.heun_sample}[options.sampler]
     x = solver(make_velocity_fn(network), noise_BHWC, options.steps)
-    return jnp.clip(x, -1.0, 1.0)
+    return clip(x)
   denoise_fn = make_denoise_fn(network, settings, options.clip)
   alpha_bars = settings.alpha_bars()
   if options.sampler == "ddpm":
@@ -401,19 +446,34 @@ def generate(params, noise_BHWC, labels_B, rng, *, apply_fn,
         samplers.ddim_timesteps(settings.num_timesteps, options.steps,
                                 options.ddim_spacing),
         options.eta, rng)
-  return jnp.clip(x, -1.0, 1.0)
+  return clip(x)
 
 
 def make_sampler(config, mesh, options: SamplerOptions):
   """jit of (params, noise, labels, rng) -> images in [-1, 1]; noise and
-  labels sharded on "data", params and rng replicated."""
+  labels sharded on "data", params and rng replicated. For latent models
+  the noise is latent-shaped and the samples are decoded in the same
+  program (`latents.make_decoder`; the autoencoder's variables replicated
+  once, passed as an argument)."""
   settings = settings_from_config(config)
   model = make_model(config, settings.num_classes)
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(functools.partial(generate, apply_fn=model.apply,
-                                   settings=settings, options=options),
-                 in_shardings=(repl, batch, batch, repl), out_shardings=batch,
-                 compiler_options=parallel.compiler_options(config, mesh))
+  sample = functools.partial(generate, apply_fn=model.apply,
+                             settings=settings, options=options)
+  options_ = parallel.compiler_options(config, mesh)
+  if not settings.latent:
+    return jax.jit(sample, in_shardings=(repl, batch, batch, repl),
+                   out_shardings=batch, compiler_options=options_)
+  ae_model, ae_variables = latents_lib.load_autoencoder(config)
+  decode, ae_variables = latents_lib.make_decoder(
+      ae_model, ae_variables, mesh, settings.scaling_factor,
+      settings.shift_factor)
+  sample_and_decode = jax.jit(
+      lambda ae, params, noise, labels, rng: decode(
+          ae, sample(params, noise, labels, rng)),
+      in_shardings=(repl, repl, batch, batch, repl), out_shardings=batch,
+      compiler_options=options_)
+  return functools.partial(sample_and_decode, ae_variables)
 
 
 def batch_sampler(sampler, params, rng, mesh):
@@ -440,16 +500,17 @@ def sample_images(config, mesh, state, labels_N: np.ndarray, seed: int,
   options = sampler_options(config, **sampler_overrides)
   noise_rng, sampler_rng = jax.random.split(jax.random.key(seed))
   noise = np.asarray(jax.random.normal(
-      noise_rng, (len(labels_N), *config.data.image_shape)))
+      noise_rng, (len(labels_N), *model_shape(config))))
   return sample_uint8(make_sampler(config, mesh, options), state.ema_params,
                       noise, labels_N, sampler_rng, mesh, batch_size)
 
 
 def eval_step(state, batch, rng, *, settings: Settings):
   """Sums over real (mask 1) test examples of the EMA network's loss
-  (labels kept) and the count. rng: noise and times."""
+  (labels kept) and the count. rng: noise and times, and for latents the
+  posterior draws."""
   x_t, time, target_ = training_example(
-      settings, to_model_range(batch["image"]), rng)
+      settings, clean_input(settings, batch["image"], rng, train=False), rng)
   labels = batch["label"] if settings.num_classes else None
   output = state.apply_fn({"params": state.ema_params}, x_t, time, labels)
   per_example = jnp.mean((output - target_) ** 2, axis=(1, 2, 3))
@@ -473,8 +534,12 @@ def make_evaluator(config, mesh, eval_source, workdir):
                     in_shardings=(repl, batch_sharding, repl),
                     out_shardings=repl,
                     compiler_options=parallel.compiler_options(config, mesh))
-  metric = quality.metrics_for_config(config, mesh, eval_source)
-  shape = tuple(config.data.image_shape)
+  # FID's reference: the split's images (not the latents of eval_source).
+  metric = quality.metrics_for_config(
+      config, mesh, data.load_split(config.data, config.data.eval_split,
+                                    workdir)
+      if settings.latent and config.eval_samples else eval_source)
+  shape = model_shape(config)
   num_classes = max(config.data.num_classes, 1)
   fixed_noise = np.asarray(jax.random.normal(jax.random.key(config.seed + 1),
                                              (64, *shape)))

@@ -25,13 +25,14 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from genimg_jax import checkpoint, classifier, config as config_lib, data
+from genimg_jax import autoencoder_family, checkpoint, classifier
+from genimg_jax import config as config_lib, data
 from genimg_jax import diffusion, gan, images as images_lib, metrics_writer
 from genimg_jax import optim, parallel
 from genimg_jax import preemption as preemption_lib, quality, vae
 
 FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae,
-            "diffusion": diffusion}
+            "diffusion": diffusion, "autoencoder": autoencoder_family}
 
 
 def family_module(config):
@@ -39,6 +40,15 @@ def family_module(config):
     raise config_lib.ConfigError(
         f"Unknown family {config.family!r}; choose from {sorted(FAMILIES)}.")
   return FAMILIES[config.family]
+
+
+def load_split(config, split: str, workdir: str | None = None):
+  """The source the family trains or evaluates on: `family.load_split` where
+  it has one (latent diffusion), else `data.load_split`."""
+  family = family_module(config)
+  if hasattr(family, "load_split"):
+    return family.load_split(config, split, workdir)
+  return data.load_split(config.data, split, workdir)
 
 
 def total_steps(config, num_train_examples: int) -> int:
@@ -229,8 +239,8 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   cache_counter = CompileCacheCounter()
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_global_batch(config.batch_size, mesh)
-  train_source = data.load_split(config.data, "train", workdir)
-  eval_source = data.load_split(config.data, config.data.eval_split, workdir)
+  train_source = load_split(config, "train", workdir)
+  eval_source = load_split(config, config.data.eval_split, workdir)
   num_steps = total_steps(config, len(train_source))
 
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
@@ -288,8 +298,10 @@ def _train_and_evaluate(config, workdir, stop_at_step):
     writer.flush()
     if best_ckpt is not None and checkpoint.BEST_METRIC in eval_metrics:
       best_ckpt.save(done, state, eval_metrics)
-    writer.write_images(done, images_lib.read_grids(
-        checkpoint.workdir_path(workdir, "samples"), done))
+    if jax.process_index() == 0:  # The writer: other processes would read
+      # grids that process 0 may still be writing.
+      writer.write_images(done, images_lib.read_grids(
+          checkpoint.workdir_path(workdir, "samples"), done))
     progress.write(f"step {done}: eval " + ", ".join(
         f"{k}={v:.4f}" for k, v in eval_metrics.items()))
     return eval_metrics
@@ -433,7 +445,7 @@ def evaluate_workdir(workdir: str, overrides=(),
   evaluates it."""
   config, mesh, state = restore_workdir(workdir, overrides, which)
   config = without_unfit_fid(config)
-  eval_source = data.load_split(config.data, config.data.eval_split, workdir)
+  eval_source = load_split(config, config.data.eval_split, workdir)
   step = int(jax.device_get(state.step))
   evaluator = family_module(config).make_evaluator(config, mesh, eval_source,
                                                    workdir)
@@ -507,3 +519,16 @@ def export_feature_network(workdir: str, output: str) -> dict:
       state, config.model, output, tuple(config.data.image_shape),
       config.data.num_classes)
   return {"step": int(jax.device_get(state.step)), "output": output, **meta}
+
+
+def export_autoencoder(workdir: str, output: str) -> dict:
+  """Writes the latest KL autoencoder of `workdir` (experiments/
+  autoencoder_kl.py) as `output` and `output.json` for
+  `autoencoder.load`, with its scaling factor."""
+  config, mesh, state = restore_workdir(workdir)
+  if config.family != "autoencoder":
+    raise config_lib.ConfigError(
+        f"{workdir!r} trained a {config.family}, not an autoencoder: train "
+        "experiments/autoencoder_kl.py and export that.")
+  return {"output": output, **autoencoder_family.export(
+      config, mesh, state, output, workdir)}

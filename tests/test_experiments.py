@@ -33,10 +33,11 @@ def _train_steps(config, num_examples):
 
 
 def test_experiment_list():
-  assert EXPERIMENTS == ["cgan.py", "cnn.py", "dcgan.py", "ddpm.py",
-                         "ddpm_cond.py", "dit.py", "flow.py", "flow_cond.py",
-                         "hinge_sn.py", "resnet.py", "vae_cond.py",
-                         "vae_conv.py", "vae_mlp.py", "wgan_gp.py"]
+  assert EXPERIMENTS == [
+      "autoencoder_kl.py", "cgan.py", "cnn.py", "dcgan.py", "ddpm.py",
+      "ddpm_cond.py", "dit.py", "flow.py", "flow_cond.py", "hinge_sn.py",
+      "latent_dit.py", "resnet.py", "vae_cond.py", "vae_conv.py",
+      "vae_mlp.py", "wgan_gp.py"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

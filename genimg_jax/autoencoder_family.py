@@ -1,0 +1,226 @@
+"""The autoencoder family: a KL autoencoder trained as latent diffusion's
+first stage, so that the latent pipeline runs without outside weights.
+
+The network is `nets.autoencoder_kl.AutoencoderKL` (diffusers' SD VAE, here
+with config.autoencoder's small widths). Images are scaled to [-1, 1]; the
+encoder gives q(z|x) = N(mean, diag(exp(logvar))), z = mean + exp(logvar / 2)
+eps is drawn from an explicit key, and the loss per image is LDM's without
+LPIPS or discriminator:
+
+  sum over pixels of |x - x_rec| ("l1") or (x - x_rec)^2 ("l2")
+  + kl_weight * KL(q(z|x) || N(0, I)) summed over the latent's elements,
+
+averaged over the batch (LDM's kl_weight: 1e-6). `export` writes the trained
+network for `autoencoder.load` with its scaling factor, 1 / std of sampled
+latents of a training batch (LDM's `scale_by_std`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from genimg_jax import autoencoder, classifier, data, images as images_lib
+from genimg_jax import optim, parallel
+from genimg_jax.nets.autoencoder_kl import AutoencoderKL
+
+LOSSES = ("l1", "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  loss: str = "l1"
+  kl_weight: float = 1e-6
+  random_flip: bool = False  # Training images mirrored (data.random_flip).
+
+
+def settings_from_config(config) -> Settings:
+  a = config.autoencoder
+  if a.loss not in LOSSES:
+    raise ValueError(f"Unknown autoencoder.loss {a.loss!r}; choose from "
+                     f"{LOSSES}.")
+  return Settings(a.loss, a.kl_weight, config.data.get("random_flip", False))
+
+
+def make_model(config, scaling_factor: float = 1.0) -> AutoencoderKL:
+  """The config's AutoencoderKL for data.image_shape's channels."""
+  a, channels = config.autoencoder, config.data.image_shape[2]
+  return AutoencoderKL(
+      in_channels=channels, out_channels=channels,
+      block_out_channels=tuple(a.block_out_channels),
+      layers_per_block=a.layers_per_block, latent_channels=a.latent_channels,
+      norm_num_groups=a.norm_num_groups, scaling_factor=scaling_factor,
+      shift_factor=None, mid_block_add_attention=a.mid_block_attention)
+
+
+def create_train_state(config, rng, num_steps) -> classifier.TrainState:
+  """Fresh state. rng: parameter initialisation."""
+  model = make_model(config)
+  params = model.init(rng, jnp.zeros((1, *config.data.image_shape)))["params"]
+  return classifier.TrainState.create(
+      apply_fn=model.apply, params=params, batch_stats={},
+      tx=optim.make_optimizer(config.optimizer, num_steps))
+
+
+def to_model_range(image_uint8):
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return image_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def kl_to_standard_normal(mean, logvar) -> jax.Array:
+  """KL(N(mean, exp(logvar)) || N(0, I)) per example [B], summed over every
+  latent element (diffusers' and LDM's `DiagonalGaussianDistribution.kl`)."""
+  terms = jnp.exp(logvar) + mean ** 2 - 1.0 - logvar
+  return 0.5 * jnp.sum(terms.reshape(terms.shape[0], -1), axis=-1)
+
+
+def reconstruction_error(loss: str, x, x_rec) -> jax.Array:
+  """Per example [B]: the sum over pixels of |x - x_rec| or its square."""
+  diff = x_rec - x
+  err = jnp.abs(diff) if loss == "l1" else diff ** 2
+  return jnp.sum(err.reshape(err.shape[0], -1), axis=-1)
+
+
+def train_step(state, batch, rng, *, settings: Settings):
+  """One step on the mean per-image loss (module docstring).
+
+  rng (folded with the step): z's draw and, with settings.random_flip, the
+  flips (`data.random_flip`). Metrics: loss, rec (the reconstruction term
+  per image), kl (nats per image), l1 and mse per pixel in [-1, 1],
+  grad_norm, param_norm (after the update).
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  images = batch["image"]
+  if settings.random_flip:
+    images = data.random_flip(images, rng)
+  x = to_model_range(images)
+  z_rng = jax.random.fold_in(rng, 0)
+
+  def loss_fn(params):
+    x_rec, mean, logvar = state.apply_fn({"params": params}, x, z_rng)
+    rec = reconstruction_error(settings.loss, x, x_rec)
+    kl = kl_to_standard_normal(mean, logvar)
+    return jnp.mean(rec + settings.kl_weight * kl), (x_rec, rec, kl)
+
+  (loss, (x_rec, rec, kl)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads)
+  return state, {"loss": loss, "rec": jnp.mean(rec), "kl": jnp.mean(kl),
+                 "l1": jnp.mean(jnp.abs(x_rec - x)),
+                 "mse": jnp.mean((x_rec - x) ** 2),
+                 "grad_norm": optax.tree.norm(grads),
+                 "param_norm": optax.tree.norm(state.params)}
+
+
+def bind_train_step(config, mesh=None):
+  """The autoencoder step with the config's static settings bound."""
+  del mesh  # Every intermediate follows the sharded batch.
+  return functools.partial(train_step, settings=settings_from_config(config))
+
+
+def eval_step(state, batch):
+  """Sums over the real (mask 1) examples of the reconstruction of the
+  posterior mean: abs and squared error over pixels (in [-1, 1]), KL, and
+  the count of examples."""
+  x = to_model_range(batch["image"])
+  variables = {"params": state.params}
+  mean, logvar = state.apply_fn(variables, x, method="encode")
+  x_rec = state.apply_fn(variables, mean, method="decode")
+  mask = batch["mask"]
+  per = lambda e: jnp.sum(e.reshape(e.shape[0], -1), axis=-1)
+  return {"abs": jnp.sum(per(jnp.abs(x_rec - x)) * mask),
+          "sq": jnp.sum(per((x_rec - x) ** 2) * mask),
+          "kl": jnp.sum(kl_to_standard_normal(mean, logvar) * mask),
+          "count": jnp.sum(mask)}
+
+
+def make_reconstructor(config, mesh):
+  """jit of (params, images uint8 [b, H, W, C]) -> reconstructions of the
+  posterior means in [-1, 1]; images sharded on "data"."""
+  model = make_model(config)
+  repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
+
+  def reconstruct(params, images):
+    variables = {"params": params}
+    mean, _ = model.apply(variables, to_model_range(images), method="encode")
+    return model.apply(variables, mean, method="decode")
+  return jax.jit(reconstruct, in_shardings=(repl, batch), out_shardings=batch,
+                 compiler_options=parallel.compiler_options(config, mesh))
+
+
+def make_evaluator(config, mesh, eval_source, workdir):
+  """evaluator(state, step) -> l1 and mse per pixel (in [-1, 1]), psnr (dB,
+  of the split's mse, peak-to-peak 2) and kl (nats per image) of the
+  reconstructions of the posterior means over the eval split; writes
+  samples/recon_STEP.png (32 originals, each beside its reconstruction).
+  Every process runs every sharded call; process 0 writes."""
+  repl, batch_sharding = (parallel.replicated(mesh),
+                          parallel.data_sharding(mesh))
+  step_fn = jax.jit(eval_step, in_shardings=(repl, batch_sharding),
+                    out_shardings=repl,
+                    compiler_options=parallel.compiler_options(config, mesh))
+  reconstruct = make_reconstructor(config, mesh)
+  originals = eval_source.take(np.arange(32) % len(eval_source))["image"]
+  dims = math.prod(config.data.image_shape)
+  sample_dir = os.path.join(workdir, "samples")
+
+  def evaluator(state, step):
+    sums = data.sum_over_split(step_fn, state, eval_source,
+                               config.eval_batch_size, mesh)
+    count = float(sums["count"])
+    mse = float(sums["sq"]) / (count * dims)
+    metrics = {"l1": float(sums["abs"]) / (count * dims), "mse": mse,
+               "psnr": 10.0 * math.log10(4.0 / max(mse, 1e-12)),
+               "kl": float(sums["kl"]) / count}
+    recon = images_lib.to_uint8(parallel.map_batches(
+        functools.partial(reconstruct, state.params), (originals,), mesh))
+    grid = np.stack([originals, recon], 1).reshape(-1, *recon.shape[1:])
+    images_lib.save_grids(sample_dir, {"recon": (grid, 8)}, step)
+    return metrics
+  return evaluator
+
+
+def scaling_factor(config, mesh, params, train_source) -> tuple[float, int]:
+  """(1 / std of z, the number of images): z = mean + exp(logvar / 2) eps
+  over every element of the latents of the first training batch of the run
+  (config.batch_size images, the seed's order), eps from
+  numpy default_rng(config.seed): LDM's `scale_by_std` (there, the first
+  batch of the run)."""
+  n = min(config.batch_size, len(train_source))
+  indices = np.sort(data.global_batch_indices(len(train_source), n,
+                                              config.seed, 0))
+  images = train_source.take(indices)["image"]
+  model = make_model(config)
+  repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, to_model_range(x),
+                                            method="encode"),
+                   in_shardings=(repl, batch), out_shardings=batch)
+  mean, logvar = parallel.map_batches(functools.partial(encode, params),
+                                      (images,), mesh)
+  eps = np.random.default_rng(config.seed).standard_normal(mean.shape)
+  z = np.asarray(mean, np.float64) + np.exp(0.5 * np.asarray(
+      logvar, np.float64)) * eps
+  return float(1.0 / np.std(z)), n
+
+
+def export(config, mesh, state, output: str, workdir: str) -> dict:
+  """Writes the trained autoencoder as OUTPUT + OUTPUT.json (the format of
+  `autoencoder.load`, with config.scaling_factor from `scaling_factor`).
+  Every process computes; process 0 writes. Returns the .json's contents."""
+  train_source = data.load_split(config.data, "train", workdir)
+  factor, n = scaling_factor(config, mesh, state.params, train_source)
+  model = make_model(config, factor)
+  step = int(jax.device_get(state.step))
+  extra = {"source": f"genimg autoencoder workdir {os.path.abspath(workdir)}",
+           "step": step, "scaling_factor_images": n}
+  params = jax.tree.map(parallel.to_host, state.params)
+  if jax.process_index() == 0:
+    return autoencoder.save(model, {"params": params}, output, **extra)
+  return {"output": output, "scaling_factor": factor, **extra}
