@@ -127,6 +127,9 @@ def get_run_config(config, family: str, seed: int = 0):
   config.seed = seed
   config.mesh = ml_collections.ConfigDict()
   config.mesh.num_devices = 0  # 0: all devices.
+  # k > 1: the train state (parameters, EMA, optimizer state) split over k
+  # devices of a ("data", "fsdp") mesh, FSDP style; see genimg_jax/parallel.py.
+  config.mesh.fsdp = 1
   config.log_every = 100
   config.keep_checkpoints = 3
   # JAX's persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR or

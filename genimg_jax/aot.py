@@ -41,7 +41,8 @@ def topology_devices(topology: str) -> list:
 
 def abstract_inputs(config, mesh: Mesh, num_steps: int):
   """(state, batch, rng) as `jax.ShapeDtypeStruct`s with the trainer's
-  shardings: the family's state replicated (shapes by `jax.eval_shape`, no
+  shardings: the family's state replicated or split over "fsdp"
+  (`parallel.state_sharding`; shapes by `jax.eval_shape`, no
   parameters are made), the batch ("image" uint8 [B, H, W, C], "label" int32
   [B]; for latent diffusion float32 moments [B, h, w, 2c or 4c]) sharded on
   "data", the step key replicated."""
@@ -52,7 +53,9 @@ def abstract_inputs(config, mesh: Mesh, num_steps: int):
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
   with_sharding = lambda sharding: (lambda x: jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=sharding))
-  state = jax.tree.map(with_sharding(replicated), state)
+  state = jax.tree.map(
+      lambda x, s: with_sharding(s)(x), state,
+      parallel.state_sharding(mesh, state))
   b = config.batch_size
   image = ((b, *config.data.image_shape), jnp.uint8)
   if latents.is_latent(config):  # Moments: mean, logvar (and the flips').
@@ -66,13 +69,13 @@ def abstract_inputs(config, mesh: Mesh, num_steps: int):
 
 
 def lower_train_step(config, devices: list, num_steps: int = 1000):
-  """The trainer's jitted train step lowered for `devices` (a 1-D "data"
-  mesh over all of them) from abstract inputs (`jax.stages.Lowered`).
+  """The trainer's jitted train step lowered for `devices` (the trainer's
+  mesh over all of them: "data", or "data" x "fsdp" with config.mesh.fsdp) from abstract inputs (`jax.stages.Lowered`).
 
   Raises ValueError when the global batch does not split over the devices
   and their hosts.
   """
-  mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
+  mesh = parallel.mesh_of(devices, config.mesh.get("fsdp", 1))
   parallel.check_global_batch(config.batch_size, mesh)
   state, batch, rng = abstract_inputs(config, mesh, num_steps)
   return train.compile_train_step(config, mesh).lower(state, batch, rng)

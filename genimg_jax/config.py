@@ -309,6 +309,8 @@ FIELD_RULES: dict[str, Rule] = {
     "augment": _BOOL,
     "augment_flip": _BOOL,
     "mesh.num_devices": _integer(0, note="0: all devices"),
+    "mesh.fsdp": _integer(1, note="1: state replicated; k: split over k "
+                          "devices (FSDP)"),
     "data.name": Rule(str, check=_data_name, note="a TFDS name, "
                       "folder:PATH or arrayrecord:PATH"),
     "data.idx_dir": Rule(str, note="'': read data.name through TFDS"),
@@ -638,7 +640,7 @@ RESUMABLE_FIELDS = frozenset({
     "log_every", "checkpoint_every",
     "keep_checkpoints", "compilation_cache_dir", "xla_cpu_ynn_fusions",
     "xla_cpu_ynn_fusions_kept",
-    "mesh.num_devices", "data.idx_dir",
+    "mesh.num_devices", "mesh.fsdp", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory", "data.num_workers",
     "data.eval_split", "data.skip_corrupt", "vae.iw_samples",
     "gan.skip_nonfinite", "model.remat", "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",

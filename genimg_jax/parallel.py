@@ -1,7 +1,11 @@
 """The device mesh and the shardings of data-parallel training.
 
-The trainer builds one `Mesh` over the devices (a single "data" axis) and
-passes it down; batches are sharded along "data", parameters replicated.
+The trainer builds one `Mesh` over the devices and passes it down. By default
+the mesh has one "data" axis: batches are sharded along it, the train state
+replicated. With `config.mesh.fsdp = k > 1` it has the axes ("data", "fsdp")
+of sizes (devices / k, k): batches are sharded over both, and every leaf of
+the train state (parameters, EMA, optimizer state) over "fsdp" along its
+largest dimension divisible by k (`state_sharding`; FSDP / ZeRO-3 style).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 # XLA:CPU's list of YNNPACK fusion types; empty sends convolutions, dots and
 # reductions to XLA's own CPU emitters (see `compiler_options`).
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
@@ -19,8 +24,10 @@ YNN_FUSION_TYPES = ("dot", "eltwise", "reduce", "individual_dot",
                     "individual_convolution")
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D mesh over the first `num_devices` devices (0: all, every host)."""
+def make_mesh(num_devices: int = 0, fsdp: int = 1) -> Mesh:
+  """A mesh over the first `num_devices` devices (0: all, every host): 1-D
+  ("data") for fsdp 1, else ("data", "fsdp") of shape (devices / fsdp,
+  fsdp)."""
   devices = jax.devices()
   if num_devices:
     if num_devices > len(devices):
@@ -32,7 +39,17 @@ def make_mesh(num_devices: int = 0) -> Mesh:
       raise ValueError("With several processes the mesh must span all "
                        "devices: set mesh.num_devices=0.")
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  return mesh_of(devices, fsdp)
+
+
+def mesh_of(devices, fsdp: int = 1) -> Mesh:
+  """`devices` as a "data" mesh, or a ("data", "fsdp") one for fsdp > 1."""
+  if fsdp <= 1:
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+  if len(devices) % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} "
+                     "devices of the mesh; use a divisor of the device count.")
+  return Mesh(np.asarray(devices).reshape(-1, fsdp), (DATA_AXIS, FSDP_AXIS))
 
 
 def compiler_options(config, mesh: Mesh) -> dict[str, str]:
@@ -62,8 +79,37 @@ def compiler_options(config, mesh: Mesh) -> dict[str, str]:
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the data axis."""
+  """Leading (batch) dimension split over the data axis (over "data" and
+  "fsdp" together on an FSDP mesh: every device its own rows)."""
+  if FSDP_AXIS in mesh.axis_names:
+    return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def state_sharding(mesh: Mesh, abstract_state):
+  """The shardings of a train state (a pytree of arrays or
+  `jax.ShapeDtypeStruct`s) on `mesh`: all replicated without an "fsdp"
+  axis; else each leaf split over "fsdp" along its largest dimension that
+  the axis size divides (the first of equal ones), replicated when none
+  does (scalars, small vectors)."""
+  if FSDP_AXIS not in mesh.axis_names:
+    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  k = mesh.shape[FSDP_AXIS]
+
+  def leaf(x):
+    shape = tuple(getattr(x, "shape", ()))
+    dims = [i for i, d in enumerate(shape) if d >= k and d % k == 0]
+    if not dims:
+      return replicated(mesh)
+    axis = max(dims, key=lambda i: (shape[i], -i))
+    return NamedSharding(mesh, P(*[FSDP_AXIS if i == axis else None
+                                   for i in range(len(shape))]))
+  return jax.tree.map(leaf, abstract_state)
+
+
+def gather(tree, mesh: Mesh):
+  """A pytree of (possibly FSDP-sharded) arrays, replicated on `mesh`."""
+  return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -60,18 +60,48 @@ def total_steps(config, num_train_examples: int) -> int:
 
 
 def init_state(config, mesh, rng, num_steps):
-  """The family's initial state, created directly replicated on `mesh`."""
+  """The family's initial state, created directly on `mesh`: replicated,
+  or split over "fsdp" (`parallel.state_sharding`)."""
   family = family_module(config)
   create = lambda r: family.create_train_state(config, r, num_steps)
-  return jax.jit(create, out_shardings=parallel.replicated(mesh))(rng)
+  if parallel.FSDP_AXIS not in mesh.axis_names:
+    return jax.jit(create, out_shardings=parallel.replicated(mesh))(rng)
+  return jax.jit(lambda r: constrain_state(create(r), mesh))(rng)
+
+
+def constrain_state(state, mesh):
+  """`state` (traced) constrained to `parallel.state_sharding` on `mesh`:
+  its shardings are computed from the state itself, whose static fields
+  (apply_fn, tx) differ between two builds of the same state."""
+  return jax.lax.with_sharding_constraint(
+      state, parallel.state_sharding(mesh, state))
+
+
+def _with_state_constrained(step, mesh):
+  def constrained_step(state, batch, rng):
+    new_state, metrics = step(state, batch, rng)
+    return constrain_state(new_state, mesh), metrics
+  return constrained_step
+
+
+def make_mesh(config):
+  """The run's mesh: config.mesh.num_devices, config.mesh.fsdp."""
+  return parallel.make_mesh(config.mesh.num_devices,
+                            config.mesh.get("fsdp", 1))
 
 
 def compile_train_step(config, mesh):
-  """The family's train step, jitted: state replicated and donated, batch
-  sharded on "data", metrics replicated; `parallel.compiler_options`."""
+  """The family's train step, jitted: state with `state_sharding` (replicated
+  or split over "fsdp") and donated, batch sharded on the mesh, metrics
+  replicated; `parallel.compiler_options`."""
   repl, batch = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(family_module(config).bind_train_step(config, mesh),
-                 in_shardings=(repl, batch, repl), out_shardings=(repl, repl),
+  step = family_module(config).bind_train_step(config, mesh)
+  state = repl
+  if parallel.FSDP_AXIS in mesh.axis_names:
+    state = None  # In: the argument's; out: constrained in the step.
+    step = _with_state_constrained(step, mesh)
+  return jax.jit(step,
+                 in_shardings=(state, batch, repl), out_shardings=(state, repl),
                  donate_argnums=0,
                  compiler_options=parallel.compiler_options(config, mesh))
 
@@ -237,7 +267,7 @@ def _train_and_evaluate(config, workdir, stop_at_step):
   config = without_unfit_fid(config)
   cache_dir = setup_compilation_cache(config, workdir)
   cache_counter = CompileCacheCounter()
-  mesh = parallel.make_mesh(config.mesh.num_devices)
+  mesh = make_mesh(config)
   parallel.check_global_batch(config.batch_size, mesh)
   train_source = load_split(config, "train", workdir)
   eval_source = load_split(config, config.data.eval_split, workdir)
@@ -293,7 +323,11 @@ def _train_and_evaluate(config, workdir, stop_at_step):
 
   def evaluate(done):
     """Runs the evaluation of step `done` on every process and logs it."""
-    eval_metrics = evaluator(state, done)
+    # The evaluators take the state replicated: an FSDP-sharded one is
+    # gathered for them.
+    eval_metrics = evaluator(
+        state if parallel.FSDP_AXIS not in mesh.axis_names
+        else parallel.gather(state, mesh), done)
     writer.write(done, eval_metrics, prefix="eval")
     writer.flush()
     if best_ckpt is not None and checkpoint.BEST_METRIC in eval_metrics:

@@ -1,0 +1,62 @@
+"""FSDP: the train state split over a "fsdp" mesh axis (config.mesh.fsdp)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from genimg_jax import parallel, train
+from conftest import tiny_config
+from test_train import _assert_trees_near, _params, _train_metrics
+
+
+def test_each_leaf_is_split_along_its_largest_divisible_dimension():
+  mesh = parallel.make_mesh(8, fsdp=4)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+  tree = {"kernel": jax.ShapeDtypeStruct((3, 3, 16, 64), jnp.float32),
+          "bias": jax.ShapeDtypeStruct((64,), jnp.float32),
+          "odd": jax.ShapeDtypeStruct((6, 10), jnp.float32),
+          "tie": jax.ShapeDtypeStruct((8, 8), jnp.float32),
+          "count": jax.ShapeDtypeStruct((), jnp.int32)}
+  specs = jax.tree.map(lambda s: s.spec, parallel.state_sharding(mesh, tree))
+  assert specs == {"kernel": P(None, None, None, "fsdp"), "bias": P("fsdp"),
+                   "odd": P(), "tie": P("fsdp", None), "count": P()}
+  # Without the axis everything is replicated, and batches go over all
+  # devices either way.
+  one_axis = parallel.make_mesh(8)
+  assert all(s.spec == P() for s in jax.tree.leaves(
+      parallel.state_sharding(one_axis, tree)))
+  assert parallel.data_sharding(mesh).spec == P(("data", "fsdp"))
+  with pytest.raises(ValueError, match="does not divide"):
+    parallel.make_mesh(8, fsdp=3)
+
+
+def test_fsdp_trains_like_data_parallel_and_one_device(tmp_path, idx_dir):
+  """data=8, data=2 x fsdp=4 and 1 device: the same losses and parameters
+  (the tolerances of the 1-vs-8-device test), the state really split; a
+  checkpoint of the FSDP run resumes on a plain data-parallel mesh."""
+  states, metrics = {}, {}
+  for name, mesh in {"d8": {}, "fsdp4": {"mesh.fsdp": 4},
+                     "d1": {"mesh.num_devices": 1}}.items():
+    config = tiny_config(idx_dir, "cnn.py", **mesh)
+    workdir = str(tmp_path / name)
+    states[name], _ = train.train_and_evaluate(config, workdir)
+    metrics[name] = _train_metrics(workdir)
+  kernel = states["fsdp4"].params["Dense_0"]["kernel"]
+  assert kernel.sharding.spec == P("fsdp", None) or "fsdp" in str(
+      kernel.sharding.spec)
+  assert kernel.addressable_shards[0].data.size == kernel.size // 4
+  for other in ("d8", "d1"):
+    for key in ("loss", "grad_norm", "param_norm"):
+      np.testing.assert_allclose(metrics["fsdp4"][key], metrics[other][key],
+                                 rtol=5e-6, err_msg=f"{key} vs {other}")
+    _assert_trees_near(_params(states[other]), _params(states["fsdp4"]), 2e-5)
+  # Stopped at step 3 with fsdp=4, resumed to 6 with fsdp=1.
+  workdir = str(tmp_path / "switch")
+  train.train_and_evaluate(tiny_config(idx_dir, "cnn.py", **{"mesh.fsdp": 4}),
+                           workdir, stop_at_step=3)
+  resumed, _ = train.train_and_evaluate(tiny_config(idx_dir, "cnn.py"),
+                                        workdir)
+  assert int(resumed.step) == 6
+  _assert_trees_near(_params(states["d8"]), _params(resumed), 2e-5)
