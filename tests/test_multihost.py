@@ -355,3 +355,22 @@ def test_two_processes_train_on_an_image_folder_like_one(tmp_path):
   _assert_close(_train_losses(single), _train_losses(multi))
   with open(os.path.join(multi, "data_files.json")) as f:
     assert len(json.load(f)["list"]["splits"]["test"]) == 10
+
+
+def test_two_processes_with_the_state_split_across_them(tmp_path, idx_dir):
+  """mesh.fsdp=4 over two processes of 2 devices each (every parameter split
+  across both hosts): the run, stopped at 2 and resumed to 4, equals one
+  process's plain data-parallel run, evaluation included."""
+  extra = ["--config.optimizer.schedule=constant"]
+  single = str(tmp_path / "single")
+  run_one_process(_command("cnn.py", single, idx_dir, 4, extra))
+  multi = str(tmp_path / "multi")
+  cache = str(tmp_path / "jax_cache")
+  for steps in (2, 4):
+    finish(start_two_processes(_command(
+        "cnn.py", multi, idx_dir, steps, [*extra, "--config.mesh.fsdp=4"]),
+        cache))
+  want, got = _eval_json(single), _eval_json(multi)
+  assert got["step"] == want["step"] == 4
+  _assert_close(want, got)
+  _assert_close(_train_losses(single), _train_losses(multi))
