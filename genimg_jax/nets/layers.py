@@ -354,6 +354,17 @@ def check_remat(remat: str) -> None:
     raise ValueError(f"remat {remat!r}: choose from {REMAT_MODES}.")
 
 
+def forward_maybe_remat(network, x, time_B, labels_B, train: bool):
+  """`network.forward(x, time_B, labels_B, train)`, under one `nn.remat`
+  (`REMAT_POLICY`) when `network.remat` is "full": the diffusion networks'
+  `__call__` (UNet, DiT)."""
+  check_remat(network.remat)
+  if network.remat == "full":
+    return nn.remat(type(network).forward, policy=REMAT_POLICY,
+                    static_argnums=(4,))(network, x, time_B, labels_B, train)
+  return network.forward(x, time_B, labels_B, train)
+
+
 def remat_if(module_class, enabled: bool, static_argnums=()):
   """`module_class`, or `nn.remat` of it with `REMAT_POLICY` when `enabled`.
 

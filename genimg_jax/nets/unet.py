@@ -110,12 +110,7 @@ class UNet(nn.Module):
   remat: str = "none"
 
   def __call__(self, x_BHWC, time_B, labels_B=None, train: bool = False):
-    layers.check_remat(self.remat)
-    if self.remat == "full":
-      return nn.remat(type(self).forward, policy=layers.REMAT_POLICY,
-                      static_argnums=(4,))(self, x_BHWC, time_B, labels_B,
-                                           train)
-    return self.forward(x_BHWC, time_B, labels_B, train)
+    return layers.forward_maybe_remat(self, x_BHWC, time_B, labels_B, train)
 
   @nn.compact
   def forward(self, x_BHWC, time_B, labels_B=None, train: bool = False):
