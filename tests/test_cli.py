@@ -24,9 +24,9 @@ def test_configs_lists_every_packaged_config(capsys):
   assert "common" not in names and "folder:PATH" in out
 
 
-def test_print_config_shows_the_overrides_and_writes_nothing(capsys,
-                                                             tmp_path):
-  os.chdir(tmp_path)
+def test_print_config_shows_the_overrides_and_writes_nothing(
+    capsys, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
   assert cli.main(["train", "--config", "dcgan", "--print-config",
                    "--config.num_steps=7"]) == 0
   assert "num_steps: 7" in capsys.readouterr().out
