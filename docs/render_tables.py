@@ -1,10 +1,15 @@
 """Renders the docs' measured tables from the JSON lines they come from.
 
   python docs/render_tables.py loader   # docs/loader_bench.jsonl -> docs/data.md
+  python docs/render_tables.py results  # docs/results/*.jsonl -> README.md,
+                                        # docs/results.md, docs/diffusion.md
+  python docs/render_tables.py record --workdir W --family F --model M \
+      --command "genimg train ..." [--log LOG]  # appends W's record
 """
 
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -65,9 +70,398 @@ def loader_table() -> str:
   return "\n".join(lines)
 
 
+# Results: docs/results/*.jsonl, one record per evaluation (see docs/results.md).
+
+RESULTS = os.path.join(DOCS, "results")
+FAMILIES = ("classifier", "gan", "vae", "diffusion")
+# (config, dataset, variant) shown in the README's results table.
+README_RUNS = (("cnn", "fashion_mnist", "local"),
+               ("resnet", "fashion_mnist", "full"),
+               ("dcgan", "fashion_mnist", "local"),
+               ("cgan", "fashion_mnist", "local"),
+               ("vae_conv", "fashion_mnist", "local"),
+               ("ddpm", "fashion_mnist", "local"),
+               ("flow", "fashion_mnist", "local"))
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler",
+                 "heun": "Heun"}
+
+
+def load_results(family: str) -> list[dict]:
+  """The records of docs/results/FAMILY.jsonl, in file order."""
+  with open(os.path.join(RESULTS, f"{family}.jsonl")) as f:
+    return [dict(json.loads(line), family=family) for line in f if line.strip()]
+
+
+def all_results() -> list[dict]:
+  return [r for family in FAMILIES for r in load_results(family)]
+
+
+def run_key(r: dict) -> str:
+  """The training run a record evaluates: its train command."""
+  return r.get("train_command", r["command"])
+
+
+def runs(records: list[dict]) -> dict[str, list[dict]]:
+  """Records grouped by run, runs in order of first appearance."""
+  groups = {}
+  for r in records:
+    groups.setdefault(run_key(r), []).append(r)
+  return groups
+
+
+def headline(records: list[dict]) -> dict:
+  """The latest record at the largest step with the most samples."""
+  top = max((r["eval"]["step"], r.get("eval_samples", 0)) for r in records)
+  return [r for r in records
+          if (r["eval"]["step"], r.get("eval_samples", 0)) == top][-1]
+
+
+def run_field(records: list[dict], key: str):
+  """The last value of `key` among a run's records (None if none has it)."""
+  values = [r[key] for r in records if r.get(key) is not None]
+  return values[-1] if values else None
+
+
+def duration(seconds: float) -> str:
+  """1 h 55 min 22 s, 9 min 12 s, 45 s (zero parts after the first left out)."""
+  s = int(round(seconds))
+  parts = [(s // 3600, "h"), (s % 3600 // 60, "min"), (s % 60, "s")]
+  while parts[0][0] == 0 and len(parts) > 1:
+    parts.pop(0)
+  return " ".join(f"{n} {unit}" for n, unit in parts if n or unit == parts[0][1])
+
+
+def override(r: dict, key: str):
+  """The value of --config.KEY=V in the record's command, or None."""
+  for arg in r["command"].split():
+    if arg.startswith(f"--config.{key}="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def config_arg(r: dict) -> str:
+  """`cnn`, `resnet:fashion_mnist,full`: --config as `genimg` takes it."""
+  if (r["dataset"], r["variant"]) == ("fashion_mnist", "local"):
+    return r["config"]
+  if r["variant"] == "local":
+    return f"{r['config']}:{r['dataset']}"
+  return f"{r['config']}:{r['dataset']},{r['variant']}"
+
+
+def steps_x_batch(r: dict, epochs: bool = True) -> str:
+  batch = r["batch_size"]
+  if r.get("batches_per_step"):
+    batch = f"({r['batches_per_step']} x {batch})"
+  text = f"{r['eval']['step']:,} x {batch}"
+  if epochs and r.get("epochs"):
+    text += f" ({r['epochs']} epochs)"
+  return text
+
+
+def sampler_text(r: dict, eta: bool = True) -> str:
+  """DDIM, 20 steps, eta 0."""
+  s = r["sampler"]
+  text = f"{SAMPLER_NAMES.get(s['name'], s['name'])}, {s['steps']} steps"
+  return text + (f", eta {s['eta']}" if eta and "eta" in s else "")
+
+
+def fid_score(r: dict, bold: bool = False) -> str:
+  """5.38 / 3.18 (the FID bold if asked)."""
+  e = r["eval"]
+  fid = f"**{e['fid']:.2f}**" if bold else f"{e['fid']:.2f}"
+  return fid + (f" / {e['score']:.2f}" if "score" in e else "")
+
+
+def metric_text(r: dict, bold: bool = True, short: bool = False) -> str:
+  """A run's headline metrics; `short`: the README's (one per metric)."""
+  e, b = r["eval"], (lambda x: f"**{x}**" if bold else x)
+  if r["family"] == "classifier":
+    return "test accuracy " + b(f"{100 * e['accuracy']:.2f}%")
+  if r["family"] == "vae":
+    k = int(override(r, "vae.iw_samples") or 1000)
+    text = (f"IWAE({k:,}) " + b(f"{e['iw_nll']:.2f}") +
+            f" nats, FID {e['fid']:.2f}")
+    return text if short else (f"-ELBO {e['nelbo']:.2f}, {text}, "
+                               f"score {e['score']:.2f}")
+  text = "FID " + b(f"{e['fid']:.2f}")
+  if not short or r["family"] != "diffusion":
+    text += f", score {e['score']:.2f}" if "score" in e else ""
+  if r["family"] == "diffusion":
+    text += f" ({sampler_text(r, eta=not short)})"
+  return text
+
+
+def wall_text(records: list[dict]) -> str:
+  """A run's wall time, what it includes and the machine's load."""
+  wall = run_field(records, "wall_s")
+  if wall is None:
+    return "-"
+  text = duration(wall)
+  if run_field(records, "wall_note"):
+    text += f" {run_field(records, 'wall_note')}"
+  load = run_field(records, "load")
+  return text + (f" ({load})" if load else "")
+
+
+def readme_results_table() -> str:
+  records = all_results()
+  lines = ["| model | config | metric | steps x batch |",
+           "| --- | --- | --- | --- |"]
+  for key in README_RUNS:
+    matching = [r for r in records
+                if (r["config"], r["dataset"], r["variant"]) == key]
+    if not matching:
+      raise ValueError(f"README_RUNS {key}: no record in docs/results/")
+    r = headline(matching)
+    lines.append(f"| {r['model']} | `{config_arg(r)}` | "
+                 f"{metric_text(r, bold=False, short=True)} | "
+                 f"{steps_x_batch(r, epochs=False)} |")
+  return "\n".join(lines)
+
+
+def every_run_table() -> str:
+  lines = ["| experiment | data, variant | metric | hardware | steps x batch "
+           "| wall time | commit | command |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for rs in runs(all_results()).values():
+    r = headline(rs)
+    variant = r["variant"] + (" (shortened)" if override(r, "num_steps")
+                              else "")
+    hardware = run_field(rs, "hardware") or "-"
+    if run_field(rs, "devices"):
+      hardware += f", {run_field(rs, 'devices')} devices"
+    hardware += f", jax {r['jax_version']}" if r.get("jax_version") else ""
+    lines.append(
+        f"| {r['model']} | {r['dataset']}, {variant} | {metric_text(r)} | "
+        f"{hardware} | {steps_x_batch(r)} | {wall_text(rs)} | "
+        f"{run_field(rs, 'commit') or '-'} | `{run_key(r)}` |")
+  return "\n".join(lines)
+
+
+def classifier_table() -> str:
+  lines = ["| model | variant | test accuracy | epochs | steps x batch | "
+           "wall time | command |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for rs in runs(load_results("classifier")).values():
+    r = headline(rs)
+    lines.append(
+        f"| {r.get('description', r['model'])} | {r['variant']} | "
+        f"**{100 * r['eval']['accuracy']:.2f}%** | {r.get('epochs', '-')} | "
+        f"{steps_x_batch(r, epochs=False)} | {wall_text(rs)} | "
+        f"`{run_key(r)}` |")
+  return "\n".join(lines)
+
+
+def gan_table() -> str:
+  lines = ["| config | FID / score (at steps) | steps x batch | wall time | "
+           "command |", "| --- | --- | --- | --- | --- |"]
+  for rs in runs(load_results("gan")).values():
+    r = headline(rs)
+    evals = sorted((x for x in rs if x.get("eval_samples") ==
+                    r.get("eval_samples")), key=lambda x: x["eval"]["step"])
+    curve = ", ".join(f"{fid_score(x, bold=x is r)} ({x['eval']['step']:,})"
+                      for x in evals)
+    lines.append(f"| {r.get('description', r['model'])} | {curve} | "
+                 f"{steps_x_batch(r)} | {wall_text(rs)} | `{run_key(r)}` |")
+  return "\n".join(lines)
+
+
+def vae_table() -> str:
+  lines = ["| model | -ELBO | KL | recon | IWAE NLL (K) | prior-sample FID / "
+           "score | epochs | wall time | command |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for rs in runs(load_results("vae")).values():
+    r = headline(rs)
+    e, k = r["eval"], int(override(r, "vae.iw_samples") or 1000)
+    lines.append(
+        f"| {r.get('description', r['model'])} | {e['nelbo']:.2f} "
+        f"({e['bits_per_dim']:.3f}) | {e['kl']:.2f} | {e['recon']:.2f} | "
+        f"**{e['iw_nll']:.2f}** ({k:,}) | {fid_score(r)} | "
+        f"{r.get('epochs', '-')} | {wall_text(rs)} | `{run_key(r)}` |")
+  return "\n".join(lines)
+
+
+def _unet_diffusion(samples: int) -> list[dict]:
+  """The pixel UNet configs' records on Fashion-MNIST with `samples`."""
+  return [r for r in load_results("diffusion")
+          if r["config"] in ("ddpm", "flow") and r.get("eval_samples") ==
+          samples and r["dataset"] == "fashion_mnist"]
+
+
+def diffusion_table() -> str:
+  lines = ["| run | steps x batch | FID / score | sampler | evaluated | "
+           "wall time of the run | CPU time of the run |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for r in _unet_diffusion(10000):
+    if "eval_wall_s" in r:
+      evaluated = f"afterwards: {r['eval_wall_s']:,} s ({r['eval_load']})"
+    else:
+      evaluated = "in training"
+    cpu = r.get("cpu_s")
+    cpu = (f"{cpu['user']:,} s user + {cpu['system']:,} s system"
+           if cpu else "")
+    wall = wall_text([r]) if "wall_s" in r else ""
+    lines.append(f"| {r.get('description', r['model'])} | {steps_x_batch(r)} "
+                 f"| {fid_score(r)} | {sampler_text(r)} | {evaluated} | "
+                 f"{wall} | {cpu} |")
+  return "\n".join(lines)
+
+
+def sampler_table() -> str:
+  records = _unet_diffusion(2000)
+  best = {}
+  for r in records:
+    if r["eval"]["fid"] < best.get(r["config"], {"eval": {"fid": 1e9}})[
+        "eval"]["fid"]:
+      best[r["config"]] = r
+  lines = ["| model | sampler | steps (network evaluations) | FID / score "
+           "(2,000 samples) | wall time of the command |",
+           "| --- | --- | --- | --- | --- |"]
+  for r in records:
+    s = r["sampler"]
+    calls = 2 * s["steps"] - 1 if s["name"] == "heun" else s["steps"]
+    name = SAMPLER_NAMES.get(s["name"], s["name"])
+    name += f", eta {s['eta']}" if "eta" in s else ""
+    lines.append(f"| {r['config'].upper() if r['config'] == 'ddpm' else r['config']} "
+                 f"| {name} | {s['steps']} ({calls}) | "
+                 f"{fid_score(r, bold=r is best[r['config']])} | "
+                 f"{r['eval_wall_s']:,} s ({r['eval_load']}) |")
+  return "\n".join(lines)
+
+
+def results_tables() -> dict[tuple[str, str], str]:
+  """{(page, marker): table} of every table rendered from docs/results/."""
+  readme = os.path.join(os.path.dirname(DOCS), "README.md")
+  results = os.path.join(DOCS, "results.md")
+  diffusion = os.path.join(DOCS, "diffusion.md")
+  return {(readme, "results-table"): readme_results_table(),
+          (results, "every-run-table"): every_run_table(),
+          (results, "classifier-table"): classifier_table(),
+          (results, "gan-table"): gan_table(),
+          (results, "vae-table"): vae_table(),
+          (diffusion, "diffusion-table"): diffusion_table(),
+          (diffusion, "sampler-table"): sampler_table()}
+
+
+# A record from a finished run: python docs/render_tables.py record ...
+
+TIMING = re.compile(r"wall_s=([0-9.]+) user_s=([0-9.]+) system_s=([0-9.]+)")
+
+
+def parse_config_arg(command: str) -> tuple[str, str, str]:
+  """(config, dataset, variant) of a command's --config
+  (experiments/resnet.py:fashion_mnist,full -> resnet, fashion_mnist, full)."""
+  args = command.split()
+  value = args[args.index("--config") + 1]
+  path, _, arg = value.partition(":")
+  dataset, _, variant = arg.partition(",")
+  name = os.path.basename(path)
+  return (name[:-3] if name.endswith(".py") else name,
+          dataset or "fashion_mnist", variant or "local")
+
+
+def parse_timing(log_text: str) -> dict:
+  """wall_s and cpu_s from the last `wall_s=R user_s=U system_s=S` line
+  (bash's `time` with TIMEFORMAT='wall_s=%R user_s=%U system_s=%S')."""
+  found = TIMING.findall(log_text)
+  if not found:
+    return {}
+  wall, user, system = (float(x) for x in found[-1])
+  return {"wall_s": round(wall), "cpu_s": {"user": round(user),
+                                          "system": round(system)}}
+
+
+def make_record(eval_json: dict, config_json: dict, command: str,
+                family: str, model: str, log_text: str = "",
+                environment: dict | None = None) -> dict:
+  """A results record: the run's eval.json under "eval", what ran and where.
+
+  eval_json: WORKDIR/eval.json; config_json: WORKDIR/config.json;
+  environment: hardware, device_kind, jax_version, commit, load (measured by
+  `environment()` when None)."""
+  config, dataset, variant = parse_config_arg(command)
+  r = {"model": model, "config": config, "dataset": dataset,
+       "variant": variant, "command": command, "eval": eval_json}
+  if family != "classifier" and config_json.get("eval_samples"):
+    r["eval_samples"] = config_json["eval_samples"]
+  if family == "diffusion":
+    d = config_json.get("diffusion", {})
+    r["sampler"] = {"name": d.get("sampler"), "steps": d.get("sample_steps")}
+    if d.get("sampler") == "ddim":
+      r["sampler"]["eta"] = d.get("eta")
+  r["batch_size"] = config_json["batch_size"]
+  if config_json.get("gan", {}).get("n_critic", 1) > 1:
+    r["batches_per_step"] = config_json["gan"]["n_critic"]
+  r.update(environment if environment is not None else _environment())
+  r.update(parse_timing(log_text))
+  return {k: v for k, v in r.items() if v is not None}
+
+
+def _environment() -> dict:
+  """This machine: CPU model and cores, device kind, jax, git commit, load."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or platform.machine()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = re.findall(r"model name\s*:\s*(.*)", f.read())
+    cpu = names[0] if names else cpu
+  device = jax.devices()[0]
+  hardware = f"{os.cpu_count()}-core {cpu}"
+  if device.platform != "cpu":
+    hardware += f", {jax.device_count()} x {device.device_kind}"
+  try:
+    commit = subprocess.run(
+        ["git", "-C", DOCS, "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=True).stdout.strip() or None
+  except (OSError, subprocess.CalledProcessError):
+    commit = None
+  return {"hardware": hardware, "device_kind": device.device_kind.lower(),
+          "jax_version": jax.__version__, "commit": commit,
+          "load": f"1-minute load average {os.getloadavg()[0]:.1f} at the end"}
+
+
+def _record_main(argv: list[str]) -> None:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="render_tables.py record",
+      description="Appends a finished run's record to docs/results/FAMILY"
+                  ".jsonl (then run `render_tables.py results`).")
+  parser.add_argument("--workdir", required=True,
+                      help="the run's workdir (eval.json, config.json)")
+  parser.add_argument("--family", required=True, choices=FAMILIES)
+  parser.add_argument("--model", required=True, help='e.g. "DCGAN"')
+  parser.add_argument("--command", required=True,
+                      help="the genimg command that made the workdir")
+  parser.add_argument("--log", default="",
+                      help="the command's log, ending with a line "
+                           "wall_s=R user_s=U system_s=S")
+  parser.add_argument("--output", default="",
+                      help="default docs/results/FAMILY.jsonl")
+  args = parser.parse_args(argv)
+  read = lambda name: json.load(open(os.path.join(args.workdir, name)))
+  log_text = open(args.log).read() if args.log else ""
+  record = make_record(read("eval.json"), read("config.json"), args.command,
+                       args.family, args.model, log_text)
+  output = args.output or os.path.join(RESULTS, f"{args.family}.jsonl")
+  with open(output, "a") as f:
+    f.write(json.dumps(record) + "\n")
+  print(json.dumps(record))
+
+
+def render_results() -> None:
+  for (page, marker), table in results_tables().items():
+    replace_between(page, marker, table)
+
+
 if __name__ == "__main__":
   if sys.argv[1:] == ["loader"]:
     replace_between(os.path.join(DOCS, "data.md"), "loader-table",
                     loader_table())
+  elif sys.argv[1:] == ["results"]:
+    render_results()
+  elif sys.argv[1:2] == ["record"]:
+    _record_main(sys.argv[2:])
   else:
     sys.exit(__doc__)

@@ -1,7 +1,11 @@
 """The docs' measured tables agree with the records they are rendered from."""
 
 import importlib.util
+import json
 import os
+import shutil
+
+import pytest
 
 from conftest import REPO
 
@@ -14,6 +18,71 @@ _spec.loader.exec_module(render_tables)
 def test_the_loader_table_is_rendered_from_its_records():
   assert render_tables.current(os.path.join(REPO, "docs", "data.md"),
                                "loader-table") == render_tables.loader_table()
+
+
+RESULTS_TABLES = sorted(render_tables.results_tables())
+
+
+@pytest.mark.parametrize("page,marker", RESULTS_TABLES,
+                         ids=[m for _, m in RESULTS_TABLES])
+def test_every_results_table_is_rendered_from_its_records(page, marker):
+  """README.md, docs/results.md, docs/diffusion.md: `python
+  docs/render_tables.py results` rewrites them from docs/results/*.jsonl."""
+  assert render_tables.current(page, marker) == (
+      render_tables.results_tables()[(page, marker)])
+
+
+def test_the_readme_shows_the_latest_record_at_the_largest_step(
+    monkeypatch, tmp_path):
+  for family in render_tables.FAMILIES:
+    shutil.copy(os.path.join(render_tables.RESULTS, f"{family}.jsonl"),
+                tmp_path)
+  monkeypatch.setattr(render_tables, "RESULTS", str(tmp_path))
+  rows = lambda: [line for line in
+                  render_tables.readme_results_table().split("\n")
+                  if "| `dcgan` |" in line]
+  assert rows() == ["| DCGAN | `dcgan` | FID 5.38, score 3.18 | 3,000 x 64 |"]
+  dcgan = [json.loads(line) for line in open(tmp_path / "gan.jsonl")][2]
+  with open(tmp_path / "gan.jsonl", "a") as f:
+    for step, fid in ((3000, 5.01), (2000, 4.0)):  # A rerun, then an early one.
+      f.write(json.dumps(dict(dcgan, eval={"step": step, "fid": fid,
+                                           "score": 3.5})) + "\n")
+  assert rows() == ["| DCGAN | `dcgan` | FID 5.01, score 3.50 | 3,000 x 64 |"]
+
+
+def test_a_record_is_made_from_a_workdir_and_its_timed_log():
+  eval_json = {"step": 2000, "fid": 2.5, "score": 4.5}
+  config_json = {"batch_size": 64, "eval_samples": 10000,
+                 "diffusion": {"sampler": "ddim", "sample_steps": 20,
+                               "eta": 0.0}}
+  log = "step 2000\nwall_s=61.52 user_s=100.10 system_s=9.60\n"
+  env = {"hardware": "2-core CPU", "device_kind": "cpu",
+         "jax_version": "0.0", "commit": None, "load": "idle"}
+  record = render_tables.make_record(
+      eval_json, config_json,
+      "genimg train --config experiments/ddpm.py:cifar10,full --workdir W",
+      "diffusion", "DDPM", log, env)
+  assert record == {
+      "model": "DDPM", "config": "ddpm", "dataset": "cifar10",
+      "variant": "full", "command": "genimg train --config "
+      "experiments/ddpm.py:cifar10,full --workdir W", "eval": eval_json,
+      "eval_samples": 10000,
+      "sampler": {"name": "ddim", "steps": 20, "eta": 0.0},
+      "batch_size": 64, "hardware": "2-core CPU", "device_kind": "cpu",
+      "jax_version": "0.0", "load": "idle", "wall_s": 62,
+      "cpu_s": {"user": 100, "system": 10}}
+  record = dict(record, family="diffusion")
+  assert render_tables.metric_text(record, bold=False, short=True) == (
+      "FID 2.50 (DDIM, 20 steps)")
+  assert render_tables.config_arg(record) == "ddpm:cifar10,full"
+
+
+def test_durations_read_as_in_the_tables():
+  assert render_tables.duration(552) == "9 min 12 s"
+  assert render_tables.duration(6300) == "1 h 45 min"
+  assert render_tables.duration(6922) == "1 h 55 min 22 s"
+  assert render_tables.duration(45) == "45 s"
+  assert render_tables.duration(3604) == "1 h 4 s"
 
 
 # README.md and the docs pages: their size, their wording and their links.
