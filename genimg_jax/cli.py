@@ -1,20 +1,23 @@
-"""The `genimg` command: train, eval (and bench) from experiment configs.
+r"""The `genimg` command: train, eval (and bench) from experiment configs.
 
   genimg configs                       # the packaged configs
   genimg train --config experiments/cnn.py --workdir DIR \
       [--config.batch_size=256 ...] [--print-config]
-  genimg eval --workdir DIR [--checkpoint latest|best|STEP]
+  genimg eval --workdir DIR [--checkpoint latest|best|STEP] \
+      [--config.eval_samples=2000 ...]
   genimg sample --workdir DIR --num 64 --output FILE.png|FILE.npz \
-      [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1]
+      [--checkpoint best --sampler ddim --steps 50 --eta 0 --guidance 1 \
+      --seed 0]
   genimg export-features --workdir DIR --output FILE
   genimg export-autoencoder --workdir DIR --output FILE
   genimg encode-latents --config C --autoencoder FILE --output DIR
   genimg convert-inception --pth pt_inception-2015-12-05-6726825d.pth \
-      --output inception.msgpack
+      --output inception.msgpack [--any-weights]
   genimg convert-autoencoder --input sd-vae-ft-mse/ --output sd_vae.msgpack
   genimg fid-stats --config experiments/dcgan.py:cifar10 --output s.npz \
       [--config.feature_network=inception:inception.msgpack]
-  genimg prepare --input FOLDER --output DIR   # ArrayRecord shards
+  genimg prepare --input FOLDER --output DIR \
+      [--eval-fraction 0.05 --shards 0 --workers 0]   # ArrayRecord shards
   genimg export-images --config dcgan --output FOLDER [--limit N]
   genimg compile --config experiments/ddpm.py [--topology v5e:4x4]
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8] \
@@ -22,8 +25,12 @@
   genimg bench --sweep --model all [--dtypes float32,bfloat16 --batch 128 \
       --max-batch 8192 --time-budget 420 --matmul-precision highest]
 
-Every config value is checked before anything compiles or is written: each
-bad one is named on a line of its own (`genimg train --help` lists the fields
+`--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides a config field,
+typed by the value it replaces (e.g. --config.batch_size=256); train, eval,
+sample, compile, fid-stats, export-images, encode-latents and bench take
+them (eval and sample: over the workdir's config.json). Every config value
+is checked before anything compiles or is written: each bad one is named on
+a line of its own (`genimg train --help` lists the fields
 whose values have a special meaning, such as 0 = off).
 
 Exit codes: 0 done (or stopped by SIGTERM / Ctrl-C after saving a
@@ -53,6 +60,32 @@ def _split_overrides(argv):
     else:
       rest.append(arg)
   return rest, overrides
+
+
+# The subcommands that take `--config.KEY=VALUE` overrides, with an example.
+OVERRIDE_EXAMPLES = {
+    "train": "--config.batch_size=256 --config.num_steps=300",
+    "eval": "--config.eval_samples=2000",
+    "sample": "--config.model.dtype=bfloat16",
+    "compile": "--config.batch_size=1024",
+    "fid-stats": "--config.feature_network=inception:inception.msgpack",
+    "export-images": "--config.data.idx_dir=/path/to/mnist",
+    "encode-latents": "--config.eval_batch_size=64",
+    "bench": "--config.xla_cpu_ynn_fusions=false",
+}
+
+
+def _overrides_help(command: str) -> str:
+  """The --help epilog on `--config.KEY=VALUE` of a subcommand."""
+  where = ("the workdir's config.json" if command in ("eval", "sample")
+           else "the config")
+  text = (f"config overrides: --config.KEY=VALUE (or --config.KEY VALUE) sets "
+          f"a field of {where},\ntyped by the value it replaces, e.g.\n"
+          f"  genimg {command} ... {OVERRIDE_EXAMPLES[command]}\n"
+          "`genimg train --config NAME --print-config` lists the fields.")
+  if command == "bench":
+    text += "\nNot with --sweep, which times the configs as they are."
+  return text
 
 
 def _special_values() -> str:
@@ -112,31 +145,40 @@ def _parser():
                                    formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--version", action="version", version=_version())
   sub = parser.add_subparsers(dest="command", required=True)
+  raw = argparse.RawDescriptionHelpFormatter  # Epilogs as written.
+  takes_config = lambda name, **kw: sub.add_parser(
+      name, epilog=_overrides_help(name), formatter_class=raw, **kw)
   sub.add_parser("configs", help="list the packaged configs: name, data "
                                  "sets, variants and what each trains")
   train = sub.add_parser("train", help="train (or resume) a run in a workdir",
-                         epilog=_special_values(),
-                         formatter_class=argparse.RawTextHelpFormatter)
+                         epilog=_overrides_help("train") + "\n\n" +
+                         _special_values(), formatter_class=raw)
   train.add_argument("--config", required=True,
-                     help="an experiments/*.py file with get_config()")
+                     help="an experiments/*.py file with get_config() or a "
+                          "config name, optionally :DATASET[,VARIANT]")
   train.add_argument("--workdir", default=None,
                      help="checkpoints, logs and samples go here (required "
                           "unless --print-config)")
   train.add_argument("--print-config", action="store_true",
                      help="print the config after the overrides, then exit")
-  evaluate = sub.add_parser("eval", help="evaluate a checkpoint")
-  evaluate.add_argument("--workdir", required=True)
+  evaluate = takes_config("eval", help="evaluate a checkpoint of a "
+                                        "workdir (prints its metrics)")
+  evaluate.add_argument("--workdir", required=True,
+                        help="the workdir of a `genimg train` run")
   evaluate.add_argument("--checkpoint", default="latest",
                         help="latest, best (lowest FID so far) or a step")
-  sample = sub.add_parser(
-      "sample", help="write samples of the latest checkpoint (GAN, VAE, "
+  sample = takes_config(
+      "sample", help="write samples of a checkpoint (--checkpoint; GAN, VAE, "
                      "diffusion) as a PNG grid or an .npz of uint8 images")
-  sample.add_argument("--workdir", required=True)
-  sample.add_argument("--num", type=int, default=64)
+  sample.add_argument("--workdir", required=True,
+                      help="the workdir of a `genimg train` run")
+  sample.add_argument("--num", type=int, default=64,
+                      help="number of images (default 64)")
   sample.add_argument("--output", required=True,
                       help="FILE.png: a grid (<= 1,024 images); FILE.npz: "
                            "uint8 NHWC arr_0 (and labels if conditional)")
-  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--seed", type=int, default=0,
+                      help="random seed of the samples (default 0)")
   sample.add_argument("--checkpoint", default="latest",
                       help="latest, best (lowest FID so far) or a step")
   sample.add_argument("--sampler", default=None,
@@ -155,7 +197,8 @@ def _parser():
   export = sub.add_parser(
       "export-features",
       help="write a trained ResNet classifier as an FID feature network")
-  export.add_argument("--workdir", required=True)
+  export.add_argument("--workdir", required=True,
+                      help="the workdir of a ResNet classifier run")
   export.add_argument("--output", required=True,
                       help="FILE (msgpack); FILE.json gets shapes and SHA-256;"
                            " use with --config.feature_network=FILE")
@@ -164,11 +207,12 @@ def _parser():
       help="write a trained KL autoencoder (experiments/autoencoder_kl.py) "
            "for genimg_jax.autoencoder.load and --config.diffusion."
            "autoencoder, with its scaling factor")
-  export_ae.add_argument("--workdir", required=True)
+  export_ae.add_argument("--workdir", required=True,
+                         help="the workdir of an autoencoder_kl run")
   export_ae.add_argument("--output", required=True,
                          help="FILE (msgpack); FILE.json gets the config "
                               "(scaling_factor too) and the SHA-256")
-  encode = sub.add_parser(
+  encode = takes_config(
       "encode-latents",
       help="encode a config's train and eval splits with a KL autoencoder "
            "for --config.diffusion.latents=OUTPUT")
@@ -202,7 +246,7 @@ def _parser():
   convert_ae.add_argument("--output", required=True,
                           help="FILE (msgpack); FILE.json gets the config "
                                "and the SHA-256s")
-  stats = sub.add_parser(
+  stats = takes_config(
       "fid-stats", help="write the reference split's "
                         "(config.eval_reference_split) feature mean and "
                         "covariance (pytorch-fid's .npz: mu, sigma)")
@@ -225,15 +269,16 @@ def _parser():
                        help="shards per split (0: one per 256 MiB)")
   prepare.add_argument("--workers", type=int, default=0,
                        help="threads writing shards (0: min(8, CPUs))")
-  export_images = sub.add_parser(
+  export_images = takes_config(
       "export-images", help="write a config's data set as an image folder "
                             "(OUTPUT/train|test/CLASS/N.png)")
   export_images.add_argument("--config", required=True,
                              help="an experiments/*.py file or a config name")
-  export_images.add_argument("--output", required=True)
+  export_images.add_argument("--output", required=True,
+                             help="a folder: OUTPUT/train|test/CLASS/N.png")
   export_images.add_argument("--limit", type=int, default=0,
                              help="at most this many images a split (0: all)")
-  aot = sub.add_parser(
+  aot = takes_config(
       "compile", help="compile the train step ahead of time (for a TPU "
                       "topology: needs libtpu, no TPU) and print per-device "
                       "memory and FLOPs")
@@ -242,7 +287,7 @@ def _parser():
   aot.add_argument("--topology", default="",
                    help="e.g. v5e:4x4, v4:2x2x2 (default: this machine's "
                         "devices)")
-  bench = sub.add_parser("bench", help="time compiled train steps")
+  bench = takes_config("bench", help="time compiled train steps")
   bench.add_argument("--model", default="cnn",
                      help="comma-separated model names, or all; a name "
                           "may end in :ARG, the config's argument (e.g. "
@@ -265,9 +310,13 @@ def _parser():
                      help="DIR: trace the timed steps with jax.profiler "
                           "(Perfetto/TensorBoard) and print the top XLA ops")
   bench.add_argument("--sweep", action="store_true",
-                     help="on 1 device, double each model's batch from "
-                          "--batch until out of memory, --max-batch or the "
-                          "time budget, for each of --dtypes")
+                     help="on 1 device, grow each model's batch from --batch"
+                          " for each dtype: doubling, or on devices that "
+                          "report their memory a jump to the largest power-"
+                          "of-two multiple predicted to fit, then bisecting "
+                          "back (in powers of two) after an out-of-memory "
+                          "jump; stops at out of memory, --max-batch or "
+                          "--time-budget")
   bench.add_argument("--dtypes", default="float32,bfloat16",
                      help="--sweep: comma-separated dtypes")
   bench.add_argument("--max-batch", type=int, default=8192,
@@ -285,6 +334,15 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   rest, overrides = _split_overrides(argv)
   args = _parser().parse_args(rest)
+  if overrides and (args.command not in OVERRIDE_EXAMPLES or
+                    (args.command == "bench" and args.sweep)):
+    takes = ("bench --sweep times the configs as they are"
+             if args.command == "bench" else
+             f"{args.command} reads no config")
+    print(f"genimg {args.command}: error: --config.{overrides[0]}: {takes}; "
+          f"overrides go to {', '.join(OVERRIDE_EXAMPLES)} (bench without "
+          "--sweep).", file=sys.stderr)
+    return 2
   # Imported late so that `genimg --help` is fast and XLA flags can be set.
   from genimg_jax import checkpoint, config as config_lib, data, distributed
   from genimg_jax import train
