@@ -6,7 +6,8 @@ schedule, T = 1000, DDIM samples and FID from the EMA parameters).
   genimg train --config experiments/dit.py:cifar10,full --workdir workdirs/dit_cifar10
   genimg sample --workdir workdirs/dit --num 64 --sampler ddim --steps 20 --output dit.png
 
-SiT (the same network trained by flow matching; Ma et al. 2024):
+SiT (the same network trained by flow matching; Ma et al. 2024; with full
+also --config.model.learn_sigma=false):
   genimg train --config experiments/dit.py --workdir workdirs/sit \
       --config.diffusion.objective=flow --config.diffusion.sampler=euler
 Class-conditional (classifier-free guidance, the null class is the class
@@ -19,7 +20,9 @@ norm 1, EMA 0.999 with warm-up; DDIM with 10 steps.
 full: DiT-B (hidden 768, depth 12, 12 heads; 129.5M parameters) with patches
 of 2 (28 x 28, 32 x 32) or 4 (64 x 64), DiT's training: batch 256, Adam
 1e-4 constant without warm-up or clipping, EMA 0.9999 from the first step,
-random flips on CIFAR-10 and CelebA; 400,000 steps (DiT's ablations).
+random flips on CIFAR-10 and CelebA; 400,000 steps (DiT's ablations); the
+variance learned as DiT's (model.learn_sigma: 2C outputs, L_simple + 0.001
+L_vlb; docs/diffusion.md).
 """
 
 import ml_collections
@@ -48,6 +51,8 @@ def get_config(arg=""):
     config.model.patch_size = 4 if side == 64 else 2
   config.model.mlp_ratio = 4.0
   config.model.remat = "none"  # Or "blocks", "full": see experiments/ddpm.py.
+  # DiT's learned variance (eps objective only): 2C outputs, the hybrid loss.
+  config.model.learn_sigma = not local
 
   if not local:  # DiT's optimizer and run length.
     config.optimizer = common.get_optimizer_config("adam", 1e-4, "constant", 0)

@@ -10,7 +10,8 @@ experiments/autoencoder_kl.py (28 x 28 x 1 -> 7 x 7 x 4), then
       --autoencoder workdirs/autoencoder_kl.msgpack --output workdirs/latents_fashion_mnist
   genimg train --config experiments/latent_dit.py --workdir workdirs/latent_dit
   genimg sample --workdir workdirs/latent_dit --num 64 --output latent_dit.png
-SiT (flow matching on the same latents):
+SiT (flow matching on the same latents; with full also
+--config.model.learn_sigma=false):
   genimg train --config experiments/latent_dit.py --workdir workdirs/latent_sit \
       --config.diffusion.objective=flow --config.diffusion.sampler=euler
 
@@ -29,9 +30,10 @@ down, 256 x 256 x 3 images -> 32 x 32 x 4 latents), DiT-XL/2 (hidden
 1e-4 constant, no weight decay, warm-up or clipping, EMA 0.9999 from the
 first step, class dropout 0.1, random flips (with data.random_flip;
 encode-latents then stores the mirrored images' moments too), eps
-prediction with DDPM's linear schedule (T = 1000; DiT also learns the
-variance, which this network does not), DDIM with 50 steps;
-400,000 steps (DiT's ablations). For ImageNet 256 x 256:
+prediction with DDPM's linear schedule (T = 1000) and the learned variance
+(model.learn_sigma: L_simple + 0.001 L_vlb, the t = 0 term on the latents
+as DiT computes it; docs/latent.md), DDIM with 50 steps; 400,000 steps
+(DiT's ablations). For ImageNet 256 x 256:
   genimg convert-autoencoder --input sd-vae-ft-ema --output sd_vae.msgpack
   genimg encode-latents --config experiments/latent_dit.py:fashion_mnist,full \
       --config.data.name=folder:/data/imagenet --config.data.image_shape='(256, 256, 3)' \
@@ -64,6 +66,7 @@ def get_config(arg=""):
     m.depth = 28
     m.num_heads = 16
     m.patch_size = 2
+    m.learn_sigma = True  # DiT's learned variance (as dit.py's full).
     d.autoencoder = "sd_vae.msgpack"
     d.latents = f"workdirs/latents_sd_vae_{dataset}"
     d.ema_decay = 0.9999

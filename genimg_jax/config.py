@@ -345,6 +345,8 @@ FIELD_RULES: dict[str, Rule] = {
     "model.num_heads": _integer(1),
     "model.mlp_ratio": _number(0.0, low_inclusive=False),
     "model.remat": _choice("none", "blocks", "full"),
+    "model.learn_sigma": Rule(bool, note="the DiT also learns the variance "
+                              "(eps objective)"),
     "gan.loss": _choice("non_saturating", "hinge", "least_squares",
                         "wgan_gp"),
     "gan.n_critic": _integer(1),
@@ -492,6 +494,15 @@ def _cross_field_problems(flat: dict) -> list[str]:
           f"{'dit' if name == 'dit' else 'ddpm'}.py has them)")
     elif name == "dit":
       problems += _dit_problems(flat)
+  if get("model.learn_sigma") and name != "dit":
+    problems.append(f"model.learn_sigma=True: only the DiT learns the "
+                    f"variance, not model.name={name!r}; set "
+                    "model.learn_sigma=false or model.name='dit'")
+  elif get("model.learn_sigma") and get("diffusion.objective") != "eps":
+    problems.append(
+        "model.learn_sigma=True: the learned variance (Improved DDPM's "
+        "hybrid loss) needs diffusion.objective='eps', not "
+        f"{get('diffusion.objective')!r}; set model.learn_sigma=false")
   if family == "autoencoder":
     problems += _autoencoder_problems(flat)
   if family == "diffusion" and bool(get("diffusion.latents")) != bool(
@@ -539,6 +550,8 @@ def _ineffective(key: str, flat: dict) -> str | None:
       return "the ddpm sampler always takes num_timesteps steps"
     if key == "diffusion.ddpm_variance" and sampler != "ddpm":
       return f"only the ddpm sampler uses it (sampler={sampler!r})"
+    if key == "diffusion.ddpm_variance" and get("model.learn_sigma"):
+      return "the ddpm sampler takes the learned variance (model.learn_sigma)"
     if key == "diffusion.ddim_spacing" and sampler != "ddim":
       return f"only the ddim sampler uses it (sampler={sampler!r})"
     if key in ("diffusion.guidance_scale", "diffusion.label_dropout") and (

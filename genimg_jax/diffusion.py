@@ -17,6 +17,15 @@ betas 1e-4 to 0.02 over T = 1000) and "cosine" (Nichol & Dhariwal 2021,
 s = 0.008, betas clipped at 0.999). The network sees the time as t for
 diffusion and 1000 t for flow matching (the same range).
 
+With config.model.learn_sigma (DiT, eps objective) the network also
+learns the variance of each reverse step, as Improved DDPM (Nichol &
+Dhariwal 2021) and DiT: it outputs 2C channels, eps and v, and
+log Sigma_t = frac log beta_t + (1 - frac) log beta~_t with frac = (v + 1)
+/ 2. The loss is L_simple + VLB_WEIGHT L_vlb (`hybrid_loss_terms`), the
+variational bound estimated as T L_t at the drawn t (`vlb.vlb_term_bits`)
+with eps stopped from its gradient; the ddpm sampler takes the learned
+variance, ddim reads the eps channels only.
+
 Class-conditional models (config.diffusion.conditional) learn the "no label"
 class num_classes too: each training label is replaced by it with
 probability config.diffusion.label_dropout. Classifier-free guidance at
@@ -49,12 +58,14 @@ from flax.training import train_state
 
 from genimg_jax import config as config_lib, data, images as images_lib
 from genimg_jax import latents as latents_lib, optim, parallel, quality
-from genimg_jax import samplers
+from genimg_jax import samplers, vlb
 from genimg_jax.nets import dit, unet
 
 OBJECTIVES = ("eps", "v", "flow")
 SCHEDULES = ("linear", "cosine")
 FLOW_TIME_SCALE = 1000.0  # The network's time input is 1000 t for flow.
+# lambda of Improved DDPM's L_hybrid = L_simple + lambda L_vlb.
+VLB_WEIGHT = 0.001
 
 
 def linear_alpha_bars(num_timesteps: int = 1000, beta_start: float = 1e-4,
@@ -144,6 +155,7 @@ class Settings:
   latent: bool = False  # Batches of latent moments (latents.py).
   scaling_factor: float = 1.0  # Latents only: z = scale (sample - shift).
   shift_factor: float = 0.0
+  learn_sigma: bool = False  # 2C outputs: eps, then the variance's v.
 
   def alpha_bars(self) -> np.ndarray:
     return alpha_bars_for(self.schedule, self.num_timesteps)
@@ -164,6 +176,11 @@ def settings_from_config(config) -> Settings:
   if d.conditional and config.data.num_classes < 2:
     raise ValueError("diffusion.conditional needs a labelled data set "
                      f"(data.num_classes is {config.data.num_classes}).")
+  learn_sigma = config.model.get("learn_sigma", False)
+  if learn_sigma and d.objective != "eps":
+    raise config_lib.ConfigError(
+        f"model.learn_sigma needs diffusion.objective 'eps', not "
+        f"{d.objective!r}; set model.learn_sigma=false.")
   latent = {}
   if latents_lib.is_latent(config):
     meta = latents_lib.info(config)
@@ -174,7 +191,8 @@ def settings_from_config(config) -> Settings:
                   d.label_dropout, d.ema_decay,
                   # Configs saved before these fields: warm-up, no flips.
                   d.get("ema_warmup", True),
-                  config.data.get("random_flip", False), **latent)
+                  config.data.get("random_flip", False),
+                  learn_sigma=learn_sigma, **latent)
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -207,7 +225,8 @@ def make_model(config, num_classes: int) -> unet.UNet | dit.DiT:
                      remat=m.get("remat", "none"))
   if name == "dit":
     return dit.DiT(m.patch_size, m.hidden_size, m.depth, m.num_heads,
-                   m.mlp_ratio, num_classes, learn_sigma=False,
+                   m.mlp_ratio, num_classes,
+                   learn_sigma=m.get("learn_sigma", False),
                    dtype=jnp.dtype(m.dtype), remat=m.get("remat", "none"))
   raise config_lib.ConfigError(
       f"model.name {name!r} is not a diffusion network; choose from "
@@ -275,8 +294,28 @@ def drop_labels(labels_B, num_classes: int, rate: float, rng):
   return jnp.where(drop, num_classes, labels_B)
 
 
+def hybrid_loss_terms(settings: Settings, output, target_, x0, x_t, time_B):
+  """(mse [B], vlb [B]) of a learn_sigma network's output [B, H, W, 2C]:
+  the mean squared error of its eps channels (L_simple) and L_t of the
+  variational bound in bits per dimension (`vlb.vlb_term_bits`), computed
+  with eps stopped from the gradient, so that L_vlb trains the variance
+  channels only (guided-diffusion's frozen mean). The loss is mse +
+  VLB_WEIGHT T vlb (T L_t estimates L_vlb; at T = 1000 it is DiT's
+  mse + vlb). time_B: the network's time, the step t as float."""
+  eps_hat, var_values = jnp.split(output, 2, axis=-1)
+  mse = jnp.mean((eps_hat - target_) ** 2, axis=(1, 2, 3))
+  t = time_B.astype(jnp.int32)
+  sqrt_ab, sqrt_one_minus_ab = (bcast(table[t], x0)
+                                for table in settings.sqrt_tables())
+  x0_hat, _ = x0_and_eps("eps", jax.lax.stop_gradient(eps_hat), x_t, sqrt_ab,
+                         sqrt_one_minus_ab)
+  return mse, vlb.vlb_term_bits(x0, x_t, x0_hat, (var_values + 1.0) / 2.0, t,
+                                settings.alpha_bars())
+
+
 def train_step(state: TrainState, batch, rng, *, settings: Settings):
-  """One step on the mean squared error of the objective's target.
+  """One step on the mean squared error of the objective's target (with
+  settings.learn_sigma, `hybrid_loss_terms`: metrics mse and vlb too).
 
   rng (folded with the step): the noise, the times, the label dropout, the
   network's dropout and, with settings.random_flip, the flips
@@ -296,9 +335,15 @@ def train_step(state: TrainState, batch, rng, *, settings: Settings):
   def loss_fn(params):
     output = state.apply_fn({"params": params}, x_t, time, labels, train=True,
                             rngs={"dropout": dropout_rng})
-    return jnp.mean((output - target_) ** 2)
+    if not settings.learn_sigma:
+      return jnp.mean((output - target_) ** 2), {}
+    mse, vb = hybrid_loss_terms(settings, output, target_, x0, x_t, time)
+    mse, vb = jnp.mean(mse), jnp.mean(vb)
+    return mse + VLB_WEIGHT * settings.num_timesteps * vb, {"mse": mse,
+                                                            "vlb": vb}
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   new_state = state.apply_gradients(grads=grads)
   decay = optim.ema_decay_at(state.step, settings.ema_decay,
                              settings.ema_warmup)
@@ -306,7 +351,8 @@ def train_step(state: TrainState, batch, rng, *, settings: Settings):
                      state.ema_params, new_state.params)
   return new_state.replace(ema_params=ema), {
       "loss": loss, "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(new_state.params), "ema_decay": decay}
+      "param_norm": optax.tree.norm(new_state.params), "ema_decay": decay,
+      **terms}
 
 
 def bind_train_step(config, mesh=None):
@@ -316,12 +362,14 @@ def bind_train_step(config, mesh=None):
 
 
 def guided_network(apply_fn, params, labels_B, num_classes: int,
-                   guidance_scale: float):
+                   guidance_scale: float, learn_sigma: bool = False):
   """network(x_t, time_B) -> output, with classifier-free guidance.
 
   Unconditional models (num_classes 0) ignore labels. With scale 1 the
   conditional output alone; otherwise one call on [x_t; x_t] with [labels;
-  no label]: out_u + s (out_c - out_u).
+  no label]: out_u + s (out_c - out_u); with learn_sigma only for the eps
+  channels, the variance channels the conditional output's (DiT's
+  `forward_with_cfg`).
   """
   variables = {"params": params}
   if not num_classes:
@@ -335,23 +383,36 @@ def guided_network(apply_fn, params, labels_B, num_classes: int,
                     jnp.concatenate([time, time]),
                     jnp.concatenate([labels_B, unlabelled]))
     conditional, unconditional = jnp.split(both, 2)
-    return unconditional + guidance_scale * (conditional - unconditional)
+    guided = unconditional + guidance_scale * (conditional - unconditional)
+    if learn_sigma:
+      channels = x.shape[-1]
+      guided = jnp.concatenate([guided[..., :channels],
+                                conditional[..., channels:]], axis=-1)
+    return guided
   return network
 
 
-def make_denoise_fn(network, settings: Settings, clip: bool = True):
+def make_denoise_fn(network, settings: Settings, clip: bool = True,
+                    learned_variance: bool = False):
   """denoise_fn(x_t, t) -> (x0_hat, eps_hat) for the DDPM/DDIM samplers; t is
   a scalar int step. clip: x0_hat clipped to [-1, 1] and eps_hat recomputed
-  from it (so a DDIM step stays consistent)."""
+  from it (so a DDIM step stays consistent). A settings.learn_sigma network's
+  variance channels are dropped, or with learned_variance returned third
+  as frac = (v + 1) / 2 (ddpm_sample's "learned" variance)."""
   sqrt_ab_table, sqrt_one_minus_ab_table = settings.sqrt_tables()
 
   def denoise_fn(x, t):
     time = jnp.full((x.shape[0],), t, jnp.float32)
     a, s = sqrt_ab_table[t], sqrt_one_minus_ab_table[t]
-    x0, eps = x0_and_eps(settings.objective, network(x, time), x, a, s)
+    output = network(x, time)
+    if settings.learn_sigma:
+      output, var_values = jnp.split(output, 2, axis=-1)
+    x0, eps = x0_and_eps(settings.objective, output, x, a, s)
     if clip:
       x0 = jnp.clip(x0, -1.0, 1.0)
       eps = (x - a * x0) / s
+    if learned_variance:
+      return x0, eps, (var_values + 1.0) / 2.0
     return x0, eps
   return denoise_fn
 
@@ -429,7 +490,7 @@ def generate(params, noise_BHWC, labels_B, rng, *, apply_fn,
   clip = (lambda x: x) if settings.latent else (
       lambda x: jnp.clip(x, -1.0, 1.0))
   network = guided_network(apply_fn, params, labels_B, settings.num_classes,
-                           options.guidance_scale)
+                           options.guidance_scale, settings.learn_sigma)
   if settings.objective == "flow":
     solver = {"euler": samplers.euler_sample,
               "heun": samplers.heun_sample}[options.sampler]
@@ -437,7 +498,11 @@ def generate(params, noise_BHWC, labels_B, rng, *, apply_fn,
     return clip(x)
   denoise_fn = make_denoise_fn(network, settings, options.clip)
   alpha_bars = settings.alpha_bars()
-  if options.sampler == "ddpm":
+  if options.sampler == "ddpm" and settings.learn_sigma:
+    x = samplers.ddpm_sample(
+        make_denoise_fn(network, settings, options.clip, True), alpha_bars,
+        noise_BHWC, rng, samplers.LEARNED)
+  elif options.sampler == "ddpm":
     x = samplers.ddpm_sample(denoise_fn, alpha_bars, noise_BHWC, rng,
                              options.ddpm_variance)
   else:
@@ -507,13 +572,18 @@ def sample_images(config, mesh, state, labels_N: np.ndarray, seed: int,
 
 def eval_step(state, batch, rng, *, settings: Settings):
   """Sums over real (mask 1) test examples of the EMA network's loss
-  (labels kept) and the count. rng: noise and times, and for latents the
-  posterior draws."""
-  x_t, time, target_ = training_example(
-      settings, clean_input(settings, batch["image"], rng, train=False), rng)
+  (labels kept; the training loss, `hybrid_loss_terms` with learn_sigma)
+  and the count. rng: noise and times, and for latents the posterior
+  draws."""
+  x0 = clean_input(settings, batch["image"], rng, train=False)
+  x_t, time, target_ = training_example(settings, x0, rng)
   labels = batch["label"] if settings.num_classes else None
   output = state.apply_fn({"params": state.ema_params}, x_t, time, labels)
-  per_example = jnp.mean((output - target_) ** 2, axis=(1, 2, 3))
+  if settings.learn_sigma:
+    mse, vb = hybrid_loss_terms(settings, output, target_, x0, x_t, time)
+    per_example = mse + VLB_WEIGHT * settings.num_timesteps * vb
+  else:
+    per_example = jnp.mean((output - target_) ** 2, axis=(1, 2, 3))
   mask = batch["mask"]
   return {"loss": jnp.sum(per_example * mask), "count": jnp.sum(mask)}
 

@@ -19,6 +19,7 @@ import numpy as np
 DIFFUSION_SAMPLERS = ("ddpm", "ddim")
 FLOW_SAMPLERS = ("euler", "heun")
 DDPM_VARIANCES = ("fixedsmall", "fixedlarge")  # See `ddpm_tables`.
+LEARNED = "learned"  # ddpm_sample's variance of a learn_sigma network.
 DDIM_SPACINGS = ("trailing", "leading", "uniform", "quadratic")
 
 
@@ -50,24 +51,53 @@ def ddpm_tables(alpha_bars, variance: str = "fixedsmall"):
   return coef_x0, coef_xt, np.sqrt(var)
 
 
+def learned_log_variance_range(alpha_bars):
+  """(min_log, max_log), each [T] float64: the ends of Improved DDPM's
+  learned-range variance (Nichol & Dhariwal 2021), log beta~_t and
+  log beta_t. beta~_0 = 0, so min_log[0] is log beta~_1 (guided-diffusion's
+  `posterior_log_variance_clipped`)."""
+  ab = np.asarray(alpha_bars, np.float64)
+  prev = np.concatenate([[1.0], ab[:-1]])
+  beta = 1.0 - ab / prev
+  posterior = beta * (1.0 - prev) / (1.0 - ab)
+  return np.log(np.concatenate([posterior[1:2], posterior[1:]])), np.log(beta)
+
+
+def learned_log_variance(frac, min_log_t, max_log_t):
+  """log Sigma = frac log beta_t + (1 - frac) log beta~_t; frac = (v + 1) / 2
+  of the network's variance output v (0: beta~_t, 1: beta_t)."""
+  return frac * max_log_t + (1.0 - frac) * min_log_t
+
+
 def ddpm_sample(denoise_fn, alpha_bars, x_T, rng,
                 variance: str = "fixedsmall"):
   """DDPM ancestral sampling over all T steps (Ho et al. 2020, Alg. 2):
   x_{t-1} = posterior mean(x_t, x0_hat) + std_t z, see `ddpm_tables` for
-  the coefficients and the two variances ("fixedsmall": beta~_t, the
-  default; "fixedlarge": beta_t).
+  the coefficients and the two fixed variances ("fixedsmall": beta~_t, the
+  default; "fixedlarge": beta_t). variance "learned" (`LEARNED`, a network
+  with learn_sigma): denoise_fn returns (x0_hat, eps_hat, frac) and the
+  step's variance is exp(`learned_log_variance`) per pixel, none at t = 0.
 
   alpha_bars: [T] numpy (the coefficients are computed in float64). x_T:
   N(0, I) noise [B, H, W, C]. rng: the noise of step t is drawn from
   fold_in(rng, t). Returns x_0 [B, H, W, C].
   """
-  coef_x0, coef_xt, std = (jnp.asarray(v, jnp.float32)
-                           for v in ddpm_tables(alpha_bars, variance))
+  learned = variance == LEARNED
+  coef_x0, coef_xt, std = (jnp.asarray(v, jnp.float32) for v in ddpm_tables(
+      alpha_bars, "fixedsmall" if learned else variance))
+  min_log, max_log = (jnp.asarray(v, jnp.float32)
+                      for v in learned_log_variance_range(alpha_bars))
 
   def step(x, t):
-    x0, _ = denoise_fn(x, t)
+    out = denoise_fn(x, t)
+    x0 = out[0]
     noise = jax.random.normal(jax.random.fold_in(rng, t), x.shape, x.dtype)
-    return coef_x0[t] * x0 + coef_xt[t] * x + std[t] * noise, None
+    if learned:
+      std_t = jnp.where(t > 0, jnp.exp(0.5 * learned_log_variance(
+          out[2], min_log[t], max_log[t])), 0.0)
+    else:
+      std_t = std[t]
+    return coef_x0[t] * x0 + coef_xt[t] * x + std_t * noise, None
 
   x, _ = jax.lax.scan(step, x_T, jnp.arange(len(std) - 1, -1, -1))
   return x

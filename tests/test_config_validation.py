@@ -56,6 +56,16 @@ BAD_VALUES = [
     ("dcgan", ["gan.gp_weight=5"], "gan.gp_weight", "gradient penalty"),
     ("ddpm", ["diffusion.guidance_scale=2"], "diffusion.guidance_scale",
      "not class-conditional"),
+    ("dit", ["model.learn_sigma=true", "diffusion.objective=flow",
+             "diffusion.sampler=euler"], "model.learn_sigma",
+     "needs diffusion.objective='eps', not 'flow'"),
+    ("dit", ["model.learn_sigma=true", "diffusion.objective=v"],
+     "model.learn_sigma", "needs diffusion.objective='eps', not 'v'"),
+    ("dit", ["model.learn_sigma=true", "model.name=unet"],
+     "model.learn_sigma", "only the DiT learns the variance"),
+    ("dit", ["model.learn_sigma=true", "diffusion.sampler=ddpm",
+             "diffusion.ddpm_variance=fixedlarge"], "diffusion.ddpm_variance",
+     "takes the learned variance"),
 ]
 
 

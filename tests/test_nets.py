@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from genimg_jax import train
+from genimg_jax import config as config_lib, train
 from genimg_jax.nets import dit, unet
 
 # (nets module, name, old module): every network and where it used to be.
@@ -37,7 +37,9 @@ NETWORKS = [
 
 # Flattened parameter (and batch_stats) paths and shapes of every
 # experiment's initial state, recorded with the code before the move
-# (dit.py: recorded when it was added, with the official DiT's names).
+# (dit.py: recorded when it was added, with the official DiT's names;
+# latent_dit.py: when its entry was added, on the local autoencoder's
+# 7 x 7 x 4 latents).
 PARAM_PATHS = os.path.join(REPO, "tests", "data", "param_paths.json")
 
 
@@ -62,10 +64,64 @@ with open(PARAM_PATHS) as f:
   _RECORDED = json.load(f)
 
 
+def _experiments():
+  return sorted(f for f in os.listdir(os.path.join(REPO, "experiments"))
+                if f.endswith(".py") and f not in ("__init__.py",
+                                                   "common.py"))
+
+
+def test_every_experiment_has_recorded_parameter_paths():
+  assert sorted(_RECORDED) == _experiments()
+
+
+def _latent_stub(directory) -> dict:
+  """Overrides pointing latent_dit.py at latents.json and autoencoder
+  files (no arrays) for the latents experiments/autoencoder_kl.py's local
+  network writes: 28 x 28 x 1 -> 7 x 7 x 4."""
+  ae_config = config_lib.load_config_file(os.path.join(
+      REPO, "experiments", "autoencoder_kl.py"))
+  side = ae_config.data.image_shape[0] // 2 ** (
+      len(ae_config.autoencoder.block_out_channels) - 1)
+  ae, latents_dir = os.path.join(directory, "ae.msgpack"), os.path.join(
+      directory, "latents")
+  os.makedirs(latents_dir)
+  with open(ae + ".json", "w") as f:
+    json.dump({"sha256": "0" * 64}, f)
+  with open(os.path.join(latents_dir, "latents.json"), "w") as f:
+    json.dump({"autoencoder_sha256": "0" * 64, "scaling_factor": 1.0,
+               "shift_factor": 0.0,
+               "image_shape": list(ae_config.data.image_shape),
+               "latent_shape": [side, side,
+                                ae_config.autoencoder.latent_channels]}, f)
+  return {"diffusion.autoencoder": ae, "diffusion.latents": latents_dir}
+
+
+def _experiment_config(experiment, tmp_path, **overrides):
+  """tiny_config of `experiment` (latent_dit.py: on `_latent_stub`)."""
+  if experiment == "latent_dit.py":
+    overrides = {**_latent_stub(str(tmp_path)), **overrides}
+  return tiny_config(str(tmp_path / "unused"), experiment, **overrides)
+
+
 @pytest.mark.parametrize("experiment", sorted(_RECORDED))
 def test_parameter_paths_unchanged_by_the_move(experiment, tmp_path):
-  config = tiny_config(str(tmp_path / "unused"), experiment)
+  config = _experiment_config(experiment, tmp_path)
   assert _param_paths(config) == _RECORDED[experiment]
+
+
+@pytest.mark.parametrize("experiment", ["dit.py", "latent_dit.py"])
+def test_learn_sigma_doubles_only_the_final_layers_outputs(experiment,
+                                                          tmp_path):
+  """The full DiT configs learn sigma: their parameters are the recorded
+  ones but for the final linear map's p * p * 2C outputs."""
+  config = _experiment_config(experiment, tmp_path,
+                              **{"model.learn_sigma": True})
+  want = dict(_RECORDED[experiment])
+  for tree in ("params", "ema_params"):
+    for leaf in ("kernel", "bias"):
+      key = f".{tree}['final_layer']['linear']['{leaf}']"
+      want[key] = want[key][:-1] + [2 * want[key][-1]]
+  assert _param_paths(config) == want
 
 
 @pytest.mark.parametrize("experiment", ["ddpm.py", "dit.py"])

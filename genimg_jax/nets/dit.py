@@ -220,8 +220,9 @@ class DiT(nn.Module):
     mlp_ratio: the MLP's hidden features / hidden_size.
     num_classes: > 0 adds a class embedding of num_classes + 1 rows (the
       last is "no label").
-    learn_sigma: 2C output channels (the official DiT's variance output;
-      the diffusion family's MSE objectives use C).
+    learn_sigma: 2C output channels, the last C the variance's
+      interpolation v (the official DiT's; config.model.learn_sigma,
+      `diffusion.hybrid_loss_terms`).
     dtype: of the activations; parameters are float32.
     remat: "none", "blocks" (every transformer block recomputed in the
       backward pass, `layers.REMAT_POLICY`) or "full" (the whole network).
