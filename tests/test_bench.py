@@ -580,3 +580,40 @@ def test_bench_cli_dtype_takes_a_list(monkeypatch, capsys):
                   ["float32", "bfloat16"], ["bfloat16"], ["bfloat16"]]
   assert cli.main(["bench", "--dtype", "float16"]) == 2
   assert "Unknown dtype 'float16'" in capsys.readouterr().err
+
+
+def test_topology_rows_are_compile_memory_records(tmp_path, monkeypatch,
+                                                  capsys):
+  """`--topology`: each row compiled for the TPU topology (`aot.run`,
+  faked here: libtpu is not a test dependency) instead of timed."""
+  seen = []
+
+  def fake_run(config, topology):
+    seen.append((config.model.remat, config.mesh.fsdp, topology))
+    return {"argument": 2**30, "output": 2**30, "alias": 2**30,
+            "temp": 3 * 2**30, "generated_code": 0, "peak_bytes": 4 * 2**30,
+            "flops": 5e12, "device_kind": "TPU v5 lite", "devices": 4,
+            "hosts": 1, "batch_size": config.batch_size,
+            "topology": topology}
+  monkeypatch.setattr(aot, "topology_devices", lambda topology: [])
+  monkeypatch.setattr(aot, "run", fake_run)
+  out = tmp_path / "memory.jsonl"
+  records = bench.run(["dit_b2_latent"], [0], [0], 1, "float32",
+                      "synthetic", str(out), overrides=["mesh.fsdp=4"],
+                      remats=["none", "blocks"], topology="v5e:2x2")
+  assert seen == [("none", 4, "v5e:2x2"), ("blocks", 4, "v5e:2x2")]
+  assert [(r["remat"], r["fsdp"], r["batch"]) for r in records] == [
+      ("none", 4, 256), ("blocks", 4, 256)]
+  assert bench.read_records(str(out)) == records
+  assert "peak GiB" in capsys.readouterr().out
+
+
+def test_compile_memory_table_is_rendered_from_its_records():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "render_tables", os.path.join(REPO, "docs", "render_tables.py"))
+  render = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(render)
+  assert render.current(os.path.join(REPO, "docs", "training.md"),
+                        "compile-memory-table") == (
+                            render.compile_memory_table())
