@@ -237,7 +237,7 @@ def synthetic_latents(config, directory: str | None = None):
   if directory is None:
     directory = os.path.join(
         tempfile.gettempdir(), "genimg_bench_latents",
-        "x".join(map(str, (*shape, "from", *image_shape))))
+        "_from_".join("x".join(map(str, s)) for s in (shape, image_shape)))
   autoencoder_path = os.path.join(directory, "synthetic_autoencoder.msgpack")
   meta = {"autoencoder": os.path.basename(autoencoder_path),
           "autoencoder_sha256": "synthetic",
