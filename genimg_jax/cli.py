@@ -376,9 +376,10 @@ def main(argv=None) -> int:
       dtypes = bench.parse_dtypes(
           args.dtype or ("float32,bfloat16" if args.sweep else "float32"))
       if args.sweep:
-        if args.remat:
-          raise ValueError("--remat is for runs without --sweep; give the "
-                           "sweep --config.model.remat=VALUE instead")
+        if args.remat or args.topology:
+          raise ValueError("--remat and --topology are for runs without "
+                           "--sweep (the sweep takes "
+                           "--config.model.remat=VALUE)")
         records = bench.sweep(
             bench.split_models(args.model), dtypes,
             ints(args.batch)[0], args.max_batch,

@@ -580,6 +580,8 @@ def test_bench_cli_dtype_takes_a_list(monkeypatch, capsys):
                   ["float32", "bfloat16"], ["bfloat16"], ["bfloat16"]]
   assert cli.main(["bench", "--dtype", "float16"]) == 2
   assert "Unknown dtype 'float16'" in capsys.readouterr().err
+  assert cli.main(["bench", "--sweep", "--remat", "blocks"]) == 2
+  assert "are for runs without --sweep" in capsys.readouterr().err
 
 
 def test_topology_rows_are_compile_memory_records(tmp_path, monkeypatch,
