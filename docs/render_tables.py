@@ -5,6 +5,7 @@
                                         # docs/results.md, docs/diffusion.md
   python docs/render_tables.py record --workdir W --family F --model M \
       --command "genimg train ..." [--log LOG]  # appends W's record
+  python docs/render_tables.py compile  # docs/compile_memory.jsonl -> docs/training.md
 """
 
 import json
@@ -455,6 +456,36 @@ def render_results() -> None:
     replace_between(page, marker, table)
 
 
+def compile_memory_table() -> str:
+  """docs/compile_memory.jsonl (`genimg bench --topology` records) as a
+  table of memory per chip, by model, mesh.fsdp and model.remat."""
+  with open(os.path.join(DOCS, "compile_memory.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  records.sort(key=lambda r: (r["model"], r["batch"], r["fsdp"],
+                              r["remat"] != "none", r["remat"]))
+  gib = lambda n: f"{n / 2**30:.2f}"
+  lines = ["| model | batch | mesh.fsdp | model.remat | arguments (state + "
+           "batch), GiB | temporaries, GiB | peak, GiB per chip | GFLOP per "
+           "chip and step |", "|---|---|---|---|---|---|---|---|"]
+  for r in records:
+    lines.append(f"| {r['model']} | {r['batch']} | {r['fsdp']} | "
+                 f"{r['remat']} | {gib(r['argument'])} | {gib(r['temp'])} | "
+                 f"{gib(r['peak_bytes'])} | {r['flops'] / 1e9:,.0f} |")
+  r = records[-1]
+  lines.append("")
+  lines.append(f"{r['devices']} x {r['device_kind']} (topology "
+               f"{r['topology']}), model.dtype {r['dtype']}, jax "
+               f"{r['jax_version']} with libtpu; XLA's compile-time memory "
+               "analysis of the train step compiled for the topology on a "
+               "CPU host (no TPU ran). peak = arguments + outputs - donated "
+               "+ temporaries; GFLOP: the compiled per-chip program's count "
+               f"(remat's recomputation included). Each compile took "
+               f"{min(x['compile_s'] for x in records) / 60:.0f}-"
+               f"{max(x['compile_s'] for x in records) / 60:.0f} min on the "
+               "shared 2-core host.")
+  return "\n".join(lines)
+
+
 if __name__ == "__main__":
   if sys.argv[1:] == ["loader"]:
     replace_between(os.path.join(DOCS, "data.md"), "loader-table",
@@ -463,5 +494,8 @@ if __name__ == "__main__":
     render_results()
   elif sys.argv[1:2] == ["record"]:
     _record_main(sys.argv[2:])
+  elif sys.argv[1:] == ["compile"]:
+    replace_between(os.path.join(DOCS, "training.md"), "compile-memory-table",
+                    compile_memory_table())
   else:
     sys.exit(__doc__)

@@ -13,7 +13,6 @@ for. Without `--topology` it compiles for this machine's own devices.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -56,16 +55,24 @@ def abstract_inputs(config, mesh: Mesh, num_steps: int):
   state = jax.tree.map(
       lambda x, s: with_sharding(s)(x), state,
       parallel.state_sharding(mesh, state))
-  b = config.batch_size
-  image = ((b, *config.data.image_shape), jnp.uint8)
-  if latents.is_latent(config):  # Moments: mean, logvar (and the flips').
-    h, w, c = latents.latent_shape(config)
-    moments = 4 if config.data.get("random_flip", False) else 2
-    image = ((b, h, w, moments * c), jnp.float32)
-  batch = {"image": jax.ShapeDtypeStruct(*image, sharding=sharded),
-           "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
+  batch = {name: jax.ShapeDtypeStruct(*shape_dtype, sharding=sharded)
+           for name, shape_dtype in batch_shapes(config).items()}
   rng = with_sharding(replicated)(jax.eval_shape(lambda: key))
   return state, batch, rng
+
+
+def batch_shapes(config, batch_size: int | None = None) -> dict:
+  """{"image": (shape, dtype), "label": ((B,), int32)} of a train batch of
+  `batch_size` (default config.batch_size): images uint8 [B, H, W, C], or
+  for latent diffusion float32 moments [B, h, w, 2c] (mean, logvar; 4c with
+  data.random_flip, the mirrored images' after them)."""
+  b = config.batch_size if batch_size is None else batch_size
+  image = ((b, *config.data.image_shape), np.dtype(np.uint8))
+  if latents.is_latent(config):
+    h, w, c = latents.latent_shape(config)
+    moments = 4 if config.data.get("random_flip", False) else 2
+    image = ((b, h, w, moments * c), np.dtype(np.float32))
+  return {"image": image, "label": ((b,), np.dtype(np.int32))}
 
 
 def lower_train_step(config, devices: list, num_steps: int = 1000):

@@ -7,9 +7,14 @@ is measured alone; `input="real"` includes the input pipeline. With a
 profile directory the timed steps also run under `jax.profiler.trace`, and
 the record lists the XLA ops that took the most time, with the model layer
 each came from. `sweep` doubles each model's batch on 1 device until it no
-longer fits (experiments/gpu_bench.sh). Each record's fraction of peak uses
-the peak of how its matmuls ran: bfloat16, TF32 (float32 on Ampere and newer
-GPUs by default) or float32.
+longer fits. Each record's fraction of peak (MFU) uses the peak of how its
+matmuls ran: bfloat16, TF32 (float32 on Ampere and newer GPUs by default) or
+float32.
+
+Latent diffusion configs (latent_dit, and the aliases dit_xl2_latent and
+dit_b2_latent: the DiT paper's ImageNet 256 x 256 set-up on 32 x 32 x 4
+latents) are timed on synthetic latent moments of the right shape
+(`synthetic_latents`): the train step on latents needs no autoencoder.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import os
 import re
 import statistics
+import tempfile
 import time
 import traceback
 
@@ -30,12 +36,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genimg_jax import config as config_lib, data, parallel, train
+from genimg_jax import aot, config as config_lib, data, latents, parallel, train
 
 # Model name -> the experiment config whose train step is timed.
 MODELS = {"cnn": "cnn", "resnet": "resnet", "dcgan": "dcgan",
           "vae": "vae_conv", "vae_mlp": "vae_mlp", "ddpm": "ddpm",
-          "flow": "flow"}
+          "flow": "flow", "dit": "dit", "latent_dit": "latent_dit"}
+# The DiT paper's ImageNet 256 x 256 set-up (256 x 256 x 3 images, the SD
+# VAE's 32 x 32 x 4 latents, 1,000 classes, random flips): name -> (config,
+# overrides). Not in "all" (full size); no :ARG.
+_IMAGENET256 = ("data.image_shape=(256, 256, 3)", "data.num_classes=1000",
+                "data.random_flip=true")
+ALIASES = {
+    "dit_xl2_latent": ("latent_dit:fashion_mnist,full", _IMAGENET256),
+    "dit_b2_latent": ("latent_dit:fashion_mnist,full", _IMAGENET256 + (
+        "model.hidden_size=768", "model.depth=12", "model.num_heads=12")),
+}
 
 
 def split_models(text: str) -> list[str]:
@@ -49,7 +65,8 @@ def split_models(text: str) -> list[str]:
   models = []
   for part in text.split(","):
     if (models and ":" in models[-1] and
-        config_lib.split_config_arg(part)[0] not in (*MODELS, "all")):
+        config_lib.split_config_arg(part)[0] not in (*MODELS, *ALIASES,
+                                                     "all")):
       models[-1] += "," + part
     else:
       models.append(part)
@@ -155,30 +172,103 @@ def peak_flops(device, dtype: str, matmul: str = "float32",
           kind)
 
 
-def load_model_config(model: str, batch: int, dtype: str, devices: int,
-                      overrides=()):
-  """The experiment config of `model`, which may end in :ARG, the config's
-  argument (e.g. dcgan:celeb_a64, to time the CelebA input pipeline), with
-  the bench's batch, dtype and devices, then `overrides` ("KEY=VALUE", e.g.
-  "xla_cpu_ynn_fusions=false") applied."""
+def model_config(model: str):
+  """The experiment config of `model` (a name of `MODELS`, which may end in
+  :ARG, the config's argument, e.g. dcgan:celeb_a64; or of `ALIASES`), as
+  the file (the installed one) makes it."""
   name, arg = config_lib.split_config_arg(model)
+  if name in ALIASES and not arg:
+    path, overrides = ALIASES[name]
+    return config_lib.apply_overrides(config_lib.load_config_file(path),
+                                      overrides)
   if name not in MODELS:
     raise config_lib.ConfigError(
         f"Unknown model {name!r} for bench; choose from {sorted(MODELS)} "
-        "or all (each may end in :ARG, the config's argument).")
-  path = MODELS[name] + (f":{arg}" if arg else "")
-  config = config_lib.load_config_file(path)  # The installed one.
-  return config_lib.apply_overrides(config, [
-      f"batch_size={batch}", f"model.dtype={dtype}",
+        f"(each may end in :ARG, the config's argument), {sorted(ALIASES)} "
+        "or all.")
+  return config_lib.load_config_file(MODELS[name] + (f":{arg}" if arg else ""))
+
+
+def load_model_config(model: str, batch: int, dtype: str, devices: int,
+                      overrides=()):
+  """`model_config(model)` with the bench's batch (0: the config's own
+  batch_size), dtype and devices, then `overrides` ("KEY=VALUE", e.g.
+  "xla_cpu_ynn_fusions=false") applied; a latent diffusion config gets
+  `synthetic_latents`."""
+  config = model_config(model)
+  config = config_lib.apply_overrides(config, [
+      *([f"batch_size={batch}"] if batch else []), f"model.dtype={dtype}",
       f"mesh.num_devices={devices}", "num_steps=1000", *overrides])
+  if latents.is_latent(config):
+    config = synthetic_latents(config)
+  return config
+
+
+# SD's VAE (experiments/latent_dit.py's full variant) halves 3 times;
+# experiments/autoencoder_kl.py's networks twice. Both give 4 channels.
+SD_VAE_FILE = "sd_vae.msgpack"
+SD_VAE_SCALING_FACTOR = 0.18215
+
+
+def synthetic_latent_shape(config) -> tuple[int, int, int]:
+  """(h, w, 4): the latents of config.data.image_shape's images, 8x smaller
+  for SD's VAE (config.diffusion.autoencoder named sd_vae.msgpack: 256 x 256
+  x 3 -> 32 x 32 x 4), else 4x (experiments/autoencoder_kl.py)."""
+  height, width, _ = config.data.image_shape
+  factor = 8 if os.path.basename(
+      config.diffusion.autoencoder) == SD_VAE_FILE else 4
+  if height % factor or width % factor:
+    raise config_lib.ConfigError(
+        f"data.image_shape {tuple(config.data.image_shape)}: the latents of "
+        f"{config.diffusion.autoencoder!r} are {factor}x smaller, so height "
+        f"and width must be multiples of {factor}; set e.g. "
+        "--config.data.image_shape='(256, 256, 3)' (or use dit_xl2_latent).")
+  return height // factor, width // factor, 4
+
+
+def synthetic_latents(config, directory: str | None = None):
+  """`config` with diffusion.latents and .autoencoder pointed at `directory`
+  (default: one per shape under the temporary directory), which gets a
+  latents.json of `synthetic_latent_shape` latents and the autoencoder's
+  .json, and no arrays or weights: enough for the train step on latents
+  (which draws z from moments and never decodes), not for sampling."""
+  shape = synthetic_latent_shape(config)
+  image_shape = tuple(config.data.image_shape)
+  if directory is None:
+    directory = os.path.join(
+        tempfile.gettempdir(), "genimg_bench_latents",
+        "_from_".join("x".join(map(str, s)) for s in (shape, image_shape)))
+  autoencoder_path = os.path.join(directory, "synthetic_autoencoder.msgpack")
+  meta = {"autoencoder": os.path.basename(autoencoder_path),
+          "autoencoder_sha256": "synthetic",
+          "scaling_factor": SD_VAE_SCALING_FACTOR, "shift_factor": 0.0,
+          "latent_shape": list(shape), "image_shape": list(image_shape),
+          "data": "synthetic", "splits": {},
+          "flips": bool(config.data.get("random_flip", False))}
+  os.makedirs(directory, exist_ok=True)
+  for path, content in ((os.path.join(directory, latents.LATENTS_JSON), meta),
+                        (autoencoder_path + ".json", {"sha256": "synthetic"})):
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "w") as f:
+      json.dump(content, f)
+    os.replace(temporary, path)  # Whole, for other processes reading it.
+  return config_lib.apply_overrides(config, [
+      f"diffusion.latents={directory}",
+      f"diffusion.autoencoder={autoencoder_path}"])
 
 
 def synthetic_batch(config, mesh) -> dict:
-  """Random uint8 images and in-range labels as one global sharded batch."""
+  """One global sharded batch of this process's share of
+  config.batch_size: random uint8 images (or, for latent diffusion, float32
+  standard-normal moments; `aot.batch_shapes`) and in-range labels."""
   rng = np.random.default_rng(0)
   n = config.batch_size // jax.process_count()
-  local = {"image": rng.integers(0, 256, (n, *config.data.image_shape),
-                                 dtype=np.uint8),
+  (image_shape, image_dtype), _ = aot.batch_shapes(config, n).values()
+  if image_dtype == np.uint8:
+    image = rng.integers(0, 256, image_shape, dtype=np.uint8)
+  else:
+    image = rng.standard_normal(image_shape, dtype=np.float32)
+  local = {"image": image,
            "label": rng.integers(0, max(config.data.num_classes, 1), (n,),
                                  dtype=np.int32)}
   return data.to_global_array(local, mesh)
@@ -289,13 +379,19 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
               profile_dir: str | None = None, overrides=()) -> dict:
   """Compiles and times `steps` train steps of `model`; returns one record.
 
-  overrides: config "KEY=VALUE" strings (`load_model_config`).
+  batch: the global batch (0: the config's batch_size). overrides: config
+  "KEY=VALUE" strings (`load_model_config`), e.g. "model.remat=blocks".
+
+  The record's flops_per_step is the step as lowered, with any remat's
+  recomputation; model_flops_per_step is without it (the step lowered again
+  with model.remat=none), and fraction_of_peak (MFU) uses that.
 
   profile_dir: also trace the timed steps with `jax.profiler` into
   profile_dir/MODEL_bBATCH_dDEVICES_DTYPE and add the record's "top_ops".
   """
   config = load_model_config(model, batch, dtype, devices, overrides)
-  mesh = parallel.make_mesh(devices)
+  batch = config.batch_size
+  mesh = parallel.make_mesh(devices, config.mesh.get("fsdp", 1))
   parallel.check_global_batch(batch, mesh)
   state = train.init_state(config, mesh, jax.random.key(0), config.num_steps)
   train_step = train.compile_train_step(config, mesh)
@@ -309,6 +405,12 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   # The whole step over the global batch, counted before XLA's backend
   # passes (`flops_of`): the same count on CPU, GPU and TPU.
   flops = flops_of(lowered)
+  remat = config.model.get("remat", "") if "model" in config else ""
+  model_flops = flops
+  if remat not in ("", "none"):
+    model_flops = flops_of(aot.lower_train_step(
+        config_lib.apply_overrides(config, ["model.remat=none"]),
+        list(mesh.devices.flat)))
 
   loader_images_per_s = None
   if input_pipeline == "real":
@@ -348,14 +450,15 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
       "device_kind": device.device_kind, "platform": device.platform,
       "jax_version": jax.__version__, "host_cpus": os.cpu_count(),
       "load_avg_1m": os.getloadavg()[0],
-      "dtype": dtype, "float32_matmul": matmul, "input": input_pipeline,
+      "dtype": dtype, "remat": remat, "float32_matmul": matmul,
+      "input": input_pipeline,
       "compile_s": compile_s, "step_ms_median": 1e3 * median,
       "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
       "images_per_s": batch / median, "flops_per_step": flops,
-      "flops_per_s": flops / median,
+      "model_flops_per_step": model_flops, "flops_per_s": flops / median,
       "peak_flops_per_s": peak,
       "peak_source": peak_source, "peak_kind": peak_kind,
-      "fraction_of_peak": flops / median / peak,
+      "fraction_of_peak": model_flops / median / peak,
       **memory,
   }
   if loader_images_per_s is not None:
@@ -368,29 +471,42 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
 
 
 def add_scaling(records: list[dict]) -> None:
-  """Adds scaling_efficiency: (images/s on N) / (N x images/s on the fewest)."""
-  for r in records:
-    base = min((b for b in records if b["model"] == r["model"] and
-                b["batch"] == r["batch"] and b["dtype"] == r["dtype"]),
+  """Adds scaling_efficiency: (images/s on N) / (N x images/s on the fewest)
+  of the same model, batch, dtype and remat."""
+  runs = [r for r in records if "skipped" not in r]
+  key = lambda r: (r["model"], r["batch"], r["dtype"], r.get("remat", ""))
+  for r in runs:
+    base = min((b for b in runs if key(b) == key(r)),
                key=lambda b: b["devices"])
     r["scaling_efficiency"] = (r["images_per_s"] / base["images_per_s"] *
                                base["devices"] / r["devices"])
 
 
 def format_table(records: list[dict]) -> str:
-  header = (f"{'model':8} {'batch':>5} {'dev':>3} {'dtype':8} {'compile s':>9} "
-            f"{'median ms':>9} {'min ms':>8} {'max ms':>8} {'images/s':>9} "
-            f"{'GFLOP/step':>10} {'%peak':>6} {'scaling':>7}")
+  """One row per run: images/s, GFLOP/step, MFU (% of peak: the model's
+  FLOPs, without remat's recomputation), peak kind; failed or skipped rows
+  at the end."""
+  runs = [r for r in records if "skipped" not in r]
+  w = max([8] + [len(r["model"]) for r in records])  # model column
+  header = (f"{'model':{w}} {'batch':>5} {'dev':>3} {'dtype':8} {'remat':6} "
+            f"{'compile s':>9} {'median ms':>9} {'min ms':>8} {'max ms':>8} "
+            f"{'images/s':>9} {'GFLOP/step':>10} {'MFU %':>6} {'peak':>4} "
+            f"{'scaling':>7}")
   lines = [header, "-" * len(header)]
-  for r in records:
+  for r in runs:
     lines.append(
-        f"{r['model']:8} {r['batch']:5d} {r['devices']:3d} {r['dtype']:8} "
+        f"{r['model']:{w}} {r['batch']:5d} {r['devices']:3d} {r['dtype']:8} "
+        f"{r.get('remat') or '-':6} "
         f"{r['compile_s']:9.2f} {r['step_ms_median']:9.2f} "
         f"{r['step_ms_min']:8.2f} {r['step_ms_max']:8.2f} "
         f"{r['images_per_s']:9.0f} {r['flops_per_step'] / 1e9:10.3f} "
-        f"{100 * r['fraction_of_peak']:6.1f} "
+        f"{100 * r['fraction_of_peak']:6.2f} {r['peak_kind']:>4} "
         f"{r.get('scaling_efficiency', 1.0):7.2f}")
-  loaders = [r for r in records if r.get("loader_images_per_s")]
+  for r in records:
+    if "skipped" in r:
+      lines.append(f"{r['model']:{w}} {r['batch']:5d} {r['dtype']:8} "
+                   f"{r.get('remat') or '-':6} skipped: {r['skipped']}")
+  loaders = [r for r in runs if r.get("loader_images_per_s")]
   if loaders:
     lines.append("input pipeline alone (read, decode, transform, to device):")
     lines += [f"  {r['model']} batch {r['batch']}: "
@@ -407,30 +523,162 @@ def format_top_ops(record: dict) -> str:
   return "\n".join(lines)
 
 
+def parse_dtypes(text: str) -> list[str]:
+  """"float32,bfloat16" -> ["float32", "bfloat16"]; ValueError otherwise."""
+  dtypes = [d.strip() for d in text.split(",") if d.strip()]
+  for dtype in dtypes:
+    if dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"Unknown dtype {dtype!r}: float32 or bfloat16 "
+                       "(comma-separated)")
+  if not dtypes:
+    raise ValueError("No dtype: give float32, bfloat16 or both")
+  return dtypes
+
+
+def has_remat(model: str) -> bool:
+  """Whether `model`'s config has model.remat (the diffusion networks)."""
+  return "remat" in model_config(model).get("model", {})
+
+
+def records_writer(output: str | None):
+  """A function that (re)writes its records as the JSON lines of `output`
+  after the lines that were there before (none without `output`)."""
+  if not output:
+    return lambda records: None
+  with open(output, "a") as f:
+    offset = f.tell()
+
+  def write(records):
+    with open(output, "r+") as f:
+      f.seek(offset)
+      f.truncate()
+      f.writelines(json.dumps(r) + "\n" for r in records)
+  return write
+
+
+def compile_memory(model: str, batch: int, dtype: str, topology: str,
+                   overrides=()) -> dict:
+  """A record of XLA's compile-time memory and FLOPs per chip of `model`'s
+  train step compiled for the TPU `topology` (e.g. "v5e:2x2"; needs libtpu,
+  no TPU: `aot.run`), with model, dtype, remat, fsdp and jax_version."""
+  config = load_model_config(model, batch, dtype, 0, overrides)
+  start = time.perf_counter()
+  costs = aot.run(config, topology)
+  return {"model": model, "batch": config.batch_size, "dtype": dtype,
+          "remat": config.model.get("remat", "") if "model" in config else "",
+          "fsdp": config.mesh.get("fsdp", 1), "overrides": list(overrides),
+          "jax_version": jax.__version__,
+          "compile_s": time.perf_counter() - start, **costs}
+
+
+def format_compile_table(records: list[dict]) -> str:
+  """`compile_memory` records: GiB per chip (arguments, temporaries,
+  peak) and GFLOP per chip and step."""
+  w = max([8] + [len(r["model"]) for r in records])
+  header = (f"{'model':{w}} {'batch':>5} {'dtype':8} {'remat':6} {'fsdp':>4} "
+            f"{'args GiB':>8} {'temp GiB':>8} {'peak GiB':>8} "
+            f"{'GFLOP/chip':>10}")
+  lines = [header, "-" * len(header)]
+  for r in records:
+    if "skipped" in r:
+      lines.append(f"{r['model']:{w}} {r['batch']:5d} {r['dtype']:8} "
+                   f"{r.get('remat') or '-':6} skipped: {r['skipped']}")
+      continue
+    lines.append(
+        f"{r['model']:{w}} {r['batch']:5d} {r['dtype']:8} "
+        f"{r['remat'] or '-':6} {r['fsdp']:4d} {r['argument'] / 2**30:8.3f} "
+        f"{r['temp'] / 2**30:8.3f} {r['peak_bytes'] / 2**30:8.3f} "
+        f"{r['flops'] / 1e9:10.1f}")
+  return "\n".join(lines)
+
+
 def run(models: list[str], batches: list[int], devices: list[int],
-        steps: int, dtype: str, input_pipeline: str,
+        steps: int, dtypes, input_pipeline: str,
         output: str | None, profile_dir: str | None = None,
-        overrides=()) -> list[dict]:
+        overrides=(), remats=("",), time_budget_s: float | None = None,
+        warmup: int = 3, clock=time.monotonic,
+        topology: str | None = None) -> list[dict]:
   """Benchmarks every combination, prints the table, appends JSON lines.
-  overrides: config "KEY=VALUE" strings for every model."""
+  With `topology` each row is `compile_memory` for that TPU topology instead
+  (devices unused).
+
+  dtypes: "float32", "bfloat16" or a list of them. remats: model.remat
+  values ("none", "blocks", "full"; "": the config's) for the models that
+  have it; the others run once, with the first. batches: global batches,
+  0: each config's own. overrides: config "KEY=VALUE" strings for every
+  model. Every config is loaded first, so a bad name or override raises
+  before anything compiles. Rows run remat by remat, dtype by dtype, then
+  model, batch and devices. A row that fails (out of memory, or otherwise:
+  traceback on stderr) becomes a record with "skipped" and "error", and the
+  rest go on; once `time_budget_s` has passed, the remaining rows are
+  "skipped" records. Each record goes to `output` as soon as it exists.
+  """
+  if isinstance(dtypes, str):
+    dtypes = [dtypes]
   if models == ["all"]:
     models = sorted(MODELS)
-  records = [bench_one(m, b, steps, dtype=dtype, devices=d,
-                       input_pipeline=input_pipeline, profile_dir=profile_dir,
-                       overrides=overrides)
-             for m in models for b in batches for d in devices]
-  add_scaling(records)
+  if topology:
+    aot.topology_devices(topology)  # A TopologyError before anything runs.
+  remat_of = {m: has_remat(m) for m in models}
+  own_batch = {}  # The config's batch_size, for batch 0.
+  for model in models:
+    for remat in remats:
+      own_batch[model] = load_model_config(
+          model, 0, dtypes[0], devices[0],
+          [*overrides, *([f"model.remat={remat}"] if remat and
+                         remat_of[model] else [])]).batch_size
+  write, start, records = records_writer(output), clock(), []
+  for remat in remats:
+    for dtype in dtypes:
+      for model, batch, d in ((m, b, d) for m in models for b in batches
+                              for d in devices):
+        if not remat_of[model] and remat != remats[0]:
+          continue  # No model.remat: it ran once, with the first.
+        extra = (f"model.remat={remat}",) if remat and remat_of[model] else ()
+        row = {"model": model, "batch": batch or own_batch[model],
+               "devices": d, "dtype": dtype,
+               "remat": remat if remat_of[model] else ""}
+        if time_budget_s is not None and clock() - start > time_budget_s:
+          record = {**row,
+                    "skipped": f"time budget of {time_budget_s:g} s spent"}
+        elif topology:
+          record = _bench_or_error(row, model, batch, dtype, topology,
+                                   (*overrides, *extra), run=compile_memory)
+        else:
+          record = _bench_or_error(
+              row, model, batch, steps, warmup=warmup, dtype=dtype,
+              devices=d, input_pipeline=input_pipeline,
+              profile_dir=profile_dir, overrides=(*overrides, *extra))
+        records.append(record)
+        write(records)
   if overrides:
     print("config overrides:", " ".join(overrides))
-  print(format_table(records))
+  if topology:
+    print(format_compile_table(records), flush=True)
+    return records
+  add_scaling(records)
+  write(records)
+  print(format_table(records), flush=True)
   for r in records:
     if "top_ops" in r:
       print(format_top_ops(r))
-  if output:
-    with open(output, "a") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
   return records
+
+
+def _bench_or_error(row: dict, *args, run=None, **kwargs) -> dict:
+  """`run(*args, **kwargs)` (default `bench_one`), or `row` with "skipped"
+  and "error" when it raises (the traceback to stderr)."""
+  try:
+    return (run or bench_one)(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    error = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    kind = "out of memory" if is_out_of_memory(e) else "failed"
+    print(f"{row['model']} {row['dtype']} batch {row['batch']}: {kind}",
+          flush=True)
+    traceback.print_exc()
+    return {**row, "skipped": f"{kind}: {error}", "error": error}
+  finally:
+    gc.collect()  # Frees the state (and, after an error, its traceback).
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -510,7 +758,7 @@ def next_sweep_batch(record: dict, max_batch: int,
 def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
           max_batch: int = 8192, time_budget_s: float = 420.0,
           steps: int = 10, warmup: int = 2, output: str | None = None,
-          clock=time.monotonic) -> list[dict]:
+          clock=time.monotonic, overrides=()) -> list[dict]:
   """Times each model and dtype on 1 device, growing the batch from
   `start_batch` until it runs out of memory, passes `max_batch` or would
   overrun the time budget; prints and returns the records.
@@ -533,30 +781,22 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
   (or, with no run, the skipped record says it failed and has "error").
   Combinations not run are {"model", "dtype", "batch", "skipped"} records.
   Each record is appended to `output` (JSON lines) as soon as it exists, so
-  a run killed from outside keeps what it measured.
+  a run killed from outside keeps what it measured. overrides: config
+  "KEY=VALUE" strings for every run.
   """
   if start_batch > max_batch:
     raise ValueError(f"start batch {start_batch} > max batch {max_batch}")
-  for dtype in dtypes:
-    if dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"Unknown dtype {dtype!r}: float32 or bfloat16")
+  parse_dtypes(",".join(dtypes))  # Checks them.
   if models == ["all"]:
     models = sorted(MODELS)
   combos = [(m, d) for m in models for d in dtypes]
-  records = []
-  if output:
-    with open(output, "a") as f:
-      offset = f.tell()
+  records, write = [], records_writer(output)
 
   def emit(record=None):
     """Adds `record`, then rewrites this sweep's lines of `output`."""
     if record:
       records.append(record)
-    if output:
-      with open(output, "r+") as f:
-        f.seek(offset)
-        f.truncate()
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    write(records)
 
   start = clock()
 
@@ -581,7 +821,7 @@ def sweep(models: list[str], dtypes: list[str], start_batch: int = 128,
       run_start = clock()
       try:
         record = bench_one(model, batch, steps, warmup=warmup, dtype=dtype,
-                           devices=1)
+                           devices=1, overrides=overrides)
       except Exception as e:  # pylint: disable=broad-except
         if not is_out_of_memory(e):  # Recorded; the other combinations run.
           stop, error_batch = "error", batch

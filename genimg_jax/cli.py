@@ -22,7 +22,9 @@ r"""The `genimg` command: train, eval (and bench) from experiment configs.
   genimg compile --config experiments/ddpm.py [--topology v5e:4x4]
   genimg bench --model cnn --batch 32,128,512 [--devices 1,2,4,8] \
       [--config.xla_cpu_ynn_fusions=false]
-  genimg bench --sweep --model all [--dtypes float32,bfloat16 --batch 128 \
+  genimg bench --model dit_xl2_latent,ddpm:cifar10,full --batch 0 \
+      --dtype bfloat16,float32 --remat none,blocks   # the configs' batches
+  genimg bench --sweep --model all [--dtype float32,bfloat16 --batch 128 \
       --max-batch 8192 --time-budget 420 --matmul-precision highest]
 
 `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides a config field,
@@ -291,13 +293,29 @@ def _parser():
   bench.add_argument("--model", default="cnn",
                      help="comma-separated model names, or all; a name "
                           "may end in :ARG, the config's argument (e.g. "
-                          "ddpm:cifar10,full)")
+                          "ddpm:cifar10,full); dit_xl2_latent and "
+                          "dit_b2_latent: DiT on 32x32x4 latents, 1,000 "
+                          "classes (synthetic latents, no autoencoder)")
   bench.add_argument("--batch", default="128",
-                     help="comma-separated sizes (--sweep: the first)")
+                     help="comma-separated global sizes, 0: the config's "
+                          "batch_size (--sweep: the first)")
   bench.add_argument("--steps", type=int, default=None,
                      help="timed steps (default 20; --sweep: 10)")
-  bench.add_argument("--dtype", default="float32",
-                     choices=["float32", "bfloat16"])
+  bench.add_argument("--dtype", default=None,
+                     help="comma-separated: float32, bfloat16 (default "
+                          "float32; --sweep: float32,bfloat16)")
+  bench.add_argument("--dtypes", dest="dtype", help=argparse.SUPPRESS)
+  bench.add_argument("--remat", default="",
+                     help="comma-separated model.remat values (none, "
+                          "blocks, full) for the models that have it "
+                          "(diffusion); default: the config's")
+  bench.add_argument("--topology", default="",
+                     help="e.g. v5e:2x2: compile each row for this TPU "
+                          "topology instead of timing it, and print XLA's "
+                          "memory per chip (needs libtpu, no TPU)")
+  bench.add_argument("--time-budget", type=float, default=None,
+                     help="seconds: rows not started by then are skipped "
+                          "(--sweep: for the whole sweep, default 420)")
   bench.add_argument("--devices", default="0",
                      help="comma-separated device counts (0: all), e.g. "
                           "1,2,4,8 for data-parallel scaling")
@@ -311,18 +329,14 @@ def _parser():
                           "(Perfetto/TensorBoard) and print the top XLA ops")
   bench.add_argument("--sweep", action="store_true",
                      help="on 1 device, grow each model's batch from --batch"
-                          " for each dtype: doubling, or on devices that "
+                          " for each --dtype: doubling, or on devices that "
                           "report their memory a jump to the largest power-"
                           "of-two multiple predicted to fit, then bisecting "
                           "back (in powers of two) after an out-of-memory "
                           "jump; stops at out of memory, --max-batch or "
                           "--time-budget")
-  bench.add_argument("--dtypes", default="float32,bfloat16",
-                     help="--sweep: comma-separated dtypes")
   bench.add_argument("--max-batch", type=int, default=8192,
                      help="--sweep: the largest batch tried")
-  bench.add_argument("--time-budget", type=float, default=420,
-                     help="--sweep: seconds for the whole sweep")
   bench.add_argument("--matmul-precision", default="",
                      help="sets jax_default_matmul_precision, e.g. highest: "
                           "true float32 matmuls on GPUs (default: TF32 on "
@@ -417,22 +431,34 @@ def main(argv=None) -> int:
       if args.matmul_precision:
         jax.config.update("jax_default_matmul_precision",
                           args.matmul_precision)
+      dtypes = bench.parse_dtypes(
+          args.dtype or ("float32,bfloat16" if args.sweep else "float32"))
       if args.sweep:
+        if args.remat or args.topology:
+          raise ValueError("--remat and --topology are for runs without "
+                           "--sweep (the sweep takes "
+                           "--config.model.remat=VALUE)")
         records = bench.sweep(
-            bench.split_models(args.model), args.dtypes.split(","),
-            ints(args.batch)[0], args.max_batch, args.time_budget,
-            args.steps or 10, output=args.output or None)
+            bench.split_models(args.model), dtypes,
+            ints(args.batch)[0], args.max_batch,
+            420 if args.time_budget is None else args.time_budget,
+            args.steps or 10, output=args.output or None,
+            overrides=overrides)
         failed = [f"{r['model']} {r['dtype']}" for r in records
                   if "error" in r]
-        if failed:  # Their tracebacks are above; the table has the rest.
-          print(f"genimg bench: error: failed: {', '.join(failed)}",
-                file=sys.stderr)
-          return 1
       else:
-        bench.run(bench.split_models(args.model), ints(args.batch),
-                  ints(args.devices), args.steps or 20, args.dtype,
-                  args.input, args.output or None, args.profile or None,
-                  overrides)
+        records = bench.run(
+            bench.split_models(args.model), ints(args.batch),
+            ints(args.devices), args.steps or 20, dtypes, args.input,
+            args.output or None, args.profile or None, overrides,
+            remats=args.remat.split(",") if args.remat else [""],
+            time_budget_s=args.time_budget, topology=args.topology or None)
+        failed = [f"{r['model']} {r['dtype']} {r['remat'] or ''}".strip()
+                  for r in records if "error" in r]
+      if failed:  # Their tracebacks are above; the table has the rest.
+        print(f"genimg bench: error: failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
       metrics = None
   except FloatingPointError as e:  # A diverged run: a failure, not input.
     print(f"genimg {args.command}: error: {e}", file=sys.stderr)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from genimg_jax import bench, classifier, parallel, train
+from genimg_jax import aot, bench, classifier, diffusion, parallel, train
+from genimg_jax.nets import dit
 
 
 def test_flops_match_a_hand_count_for_a_dense_layer():
@@ -37,7 +38,7 @@ def test_cnn_forward_flops_match_a_hand_count():
 
 def test_bench_record_fields(tmp_path):
   out = tmp_path / "bench.jsonl"
-  records = bench.run(["cnn"], [16], [1, 8], steps=2, dtype="float32",
+  records = bench.run(["cnn"], [16], [1, 8], steps=2, dtypes="float32",
                       input_pipeline="synthetic", output=str(out))
   assert [r["devices"] for r in records] == [1, 8]
   lines = [json.loads(l) for l in out.read_text().splitlines()]
@@ -65,7 +66,7 @@ def test_bench_record_fields(tmp_path):
 
 
 def test_bench_profile_lists_the_top_ops(tmp_path):
-  records = bench.run(["cnn"], [16], [2], steps=2, dtype="float32",
+  records = bench.run(["cnn"], [16], [2], steps=2, dtypes="float32",
                       input_pipeline="synthetic", output=None,
                       profile_dir=str(tmp_path))
   record = records[0]
@@ -153,8 +154,9 @@ def test_bench_cli_with_the_real_input_pipeline(tmp_path, idx_dir, monkeypatch,
                    "--config.xla_cpu_ynn_fusions=true"]) == 0
   record = json.loads(out.read_text())
   # --config.KEY=VALUE overrides reach the model's config (vae_conv.py's
-  # own value is False) and the record.
-  assert fusions == [True]
+  # own value is False) and the record (each load: the check before
+  # anything compiles, then the run).
+  assert fusions == [True, True]
   assert record["overrides"] == ["xla_cpu_ynn_fusions=true"]
   assert record["top_ops"] and record["profile_dir"].startswith(
       str(tmp_path / "trace"))
@@ -163,9 +165,10 @@ def test_bench_cli_with_the_real_input_pipeline(tmp_path, idx_dir, monkeypatch,
   assert "vae" in capsys.readouterr().out
 
 
-def _fake_record(model, batch, steps, warmup=2, dtype="float32", devices=1):
+def _fake_record(model, batch, steps, warmup=2, dtype="float32", devices=1,
+                 overrides=()):
   """What bench_one returns, without compiling anything."""
-  del steps, warmup
+  del steps, warmup, overrides
   return {"model": model, "batch": batch, "devices": devices, "dtype": dtype,
           "device_kind": "cpu", "float32_matmul": "float32",
           "step_ms_median": 1.0, "images_per_s": batch * 1e3,
@@ -196,7 +199,8 @@ def test_sweep_doubles_the_batch_for_each_dtype(tmp_path, capsys):
 def test_sweep_stops_doubling_at_out_of_memory(monkeypatch):
   calls = []
 
-  def fake(model, batch, steps, warmup=2, dtype="float32", devices=1):
+  def fake(model, batch, steps, warmup=2, dtype="float32", devices=1,
+           overrides=()):
     calls.append((dtype, batch))
     if batch >= (32 if dtype == "float32" else 8):
       raise jax.errors.JaxRuntimeError(
@@ -221,7 +225,8 @@ def test_sweep_stops_doubling_at_out_of_memory(monkeypatch):
 def test_sweep_records_other_errors_and_goes_on(monkeypatch, capsys):
   """A combination that fails (not out of memory) ends itself, not the
   sweep: one broken model must not lose a GPU run's other rows."""
-  def flaky(model, batch, steps, warmup=2, dtype="float32", devices=1):
+  def flaky(model, batch, steps, warmup=2, dtype="float32", devices=1,
+            overrides=()):
     if model == "vae" or (dtype == "bfloat16" and batch == 16):
       raise jax.errors.JaxRuntimeError("INTERNAL: something else\nmore")
     return _fake_record(model, batch, steps, warmup, dtype, devices)
@@ -256,7 +261,7 @@ def test_sweep_jumps_to_the_batch_memory_allows(monkeypatch):
   calls = []
 
   def fake(model, batch, steps, warmup=2, dtype="float32", devices=1,
-           fits_below=400):
+           overrides=(), fits_below=400):
     calls.append(batch)
     if batch >= fits_below:  # The device holds less than predicted.
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
@@ -292,7 +297,8 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path):
   """experiments/gpu_bench.sh end to end, tiny, on this machine's CPU: the
   script that a lent GPU gets one try at. An unknown model is reported and
   the script exits 1, with the other rows and the table kept."""
-  env = {**os.environ, "MODELS": "vae_mlp,gpt", "DTYPES": "float32,bfloat16",
+  env = {**os.environ, "MODE": "sweep", "MODELS": "vae_mlp,gpt",
+         "DTYPE": "float32,bfloat16",
          "START_BATCH": "8", "MAX_BATCH": "16", "BUDGET": "1000",
          "HARD_STOP": "1100", "PYTHON": sys.executable}
   out = subprocess.run(
@@ -308,6 +314,32 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path):
   assert all("Unknown model 'gpt'" in r["skipped"] for r in records[4:])
   table = (tmp_path / "gpu_bench.txt").read_text()
   assert table.count("max_batch") == 2 and "skipped: failed" in table
+
+
+def test_gpu_bench_rows_run_on_cpu(tmp_path):
+  """experiments/gpu_bench.sh's default rows, shrunk for this CPU (a DiT of
+  depth 1 and width 32 on latent_dit's synthetic 7 x 7 x 4 latents, batch
+  8; float32 alone: the order of dtypes and remats is
+  test_run_rows_for_each_remat_and_dtype_and_failures_go_on's): remat none
+  and blocks, a table with MFU, and the published numbers beside it."""
+  env = {**os.environ, "MODELS": "latent_dit", "STEPS": "1",
+         "DTYPE": "float32",
+         "OVERRIDES": "--config.batch_size=8 --config.model.depth=1 "
+                      "--config.model.hidden_size=32 --config.model.num_heads=2",
+         "HARD_STOP": "600", "PYTHON": sys.executable}
+  out = subprocess.run(
+      ["bash", os.path.join(REPO, "experiments", "gpu_bench.sh"),
+       str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  records = bench.read_records(str(tmp_path / "gpu_bench.jsonl"))
+  assert [(r["model"], r["dtype"], r["remat"], r["batch"]) for r in records
+          ] == [("latent_dit", "float32", "none", 8),
+                ("latent_dit", "float32", "blocks", 8)]
+  assert all(r["fraction_of_peak"] > 0 and r["devices"] == 1
+             for r in records)
+  text = (tmp_path / "gpu_bench.txt").read_text()
+  assert "MFU %" in text and "672 images/s per" in text
+  assert "about 107 images/s" in text
 
 
 def test_sweep_keeps_to_the_time_budget(monkeypatch, capsys):
@@ -405,7 +437,7 @@ def test_bench_cli_sweep(tmp_path, monkeypatch, capsys):
   out = tmp_path / "s.jsonl"
   try:
     assert cli.main(["bench", "--sweep", "--model", "cnn:mnist,full,vae",
-                     "--dtypes",
+                     "--dtype",
                      "float32", "--batch", "32", "--max-batch", "64",
                      "--matmul-precision", "highest", "--output",
                      str(out)]) == 0
@@ -431,3 +463,159 @@ def test_bench_real_input_on_mock_celeba():
   assert record["flops_per_step"] > 0 and record["step_ms_median"] > 0
   with pytest.raises(Exception, match="Unknown model 'gan'"):
     bench.load_model_config("gan:celeb_a64", 8, "float32", 1)
+
+
+def test_latent_configs_run_on_synthetic_latents(monkeypatch):
+  """latent_dit and the full-size aliases need no autoencoder nor encoded
+  latents: the step runs on synthetic moments of the latents' shape, and a
+  remat row's MFU uses the FLOPs without the recomputation."""
+  xl = bench.load_model_config("dit_xl2_latent", 256, "bfloat16", 1)
+  assert diffusion.model_shape(xl) == (32, 32, 4)
+  assert xl.data.num_classes == 1000 and xl.diffusion.conditional
+  assert (xl.model.hidden_size, xl.model.depth, xl.model.patch_size) == (
+      1152, 28, 2)
+  b2 = bench.load_model_config("dit_b2_latent", 0, "float32", 1)
+  assert b2.batch_size == 256 and diffusion.model_shape(b2) == (32, 32, 4)
+  assert (b2.model.hidden_size, b2.model.depth, b2.model.num_heads) == (
+      768, 12, 12)
+  # Moments (mean, logvar, and the mirrored images' for random flips).
+  assert aot.batch_shapes(b2, 4)["image"] == ((4, 32, 32, 16), np.float32)
+  with pytest.raises(ValueError, match="multiples of 8"):  # 28 x 28 images.
+    bench.load_model_config("latent_dit:fashion_mnist,full", 8, "float32", 1)
+
+  monkeypatch.setattr(bench, "measured_cpu_peak", lambda *a, **k: 1e11)
+  record = bench.bench_one("latent_dit", 8, steps=1, warmup=1, devices=1,
+                           overrides=["model.remat=blocks"])
+  assert record["remat"] == "blocks" and record["batch"] == 8
+  # blocks recomputes each block's forward: about 4/3 of the plain step.
+  ratio = record["flops_per_step"] / record["model_flops_per_step"]
+  assert 1.2 < ratio < 1.4, ratio
+  assert record["fraction_of_peak"] == pytest.approx(
+      record["model_flops_per_step"] / record["step_ms_median"] * 1e3 / 1e11)
+
+
+def test_dit_xl2_flops_per_image_are_twice_the_papers_118_6_g():
+  """bench's dit_xl2_latent is DiT-XL/2 at 256 x 256 (32 x 32 x 4 latents):
+  118.6 G multiply-adds a forward pass (the DiT paper's "Gflops", counted by
+  fvcore, which counts multiply-adds), so 237.2 GFLOP in XLA's count; the
+  train step about 3 forward passes. The analytic count is checked against
+  the lowered train step (no compile) of the small latent_dit; the XL step
+  lowered once gave 715.1 GFLOP per image, 3.014 x 237.2."""
+  config = bench.load_model_config("dit_xl2_latent", 256, "float32", 1)
+  height, width, channels = diffusion.model_shape(config)
+  count = lambda c, h, w, ch: dit.dit_forward_flops(
+      h, w, ch, c.model.patch_size, c.model.hidden_size, c.model.depth,
+      c.model.mlp_ratio)
+  assert count(config, height, width, channels) / 1e9 == pytest.approx(
+      118.6, abs=0.05)
+  small = bench.load_model_config("latent_dit", 8, "float32", 1)
+  step = bench.flops_of(aot.lower_train_step(small, jax.devices()[:1]))
+  per_forward = step / 8 / (2 * count(small, *diffusion.model_shape(small)))
+  assert 3.0 < per_forward < 3.25, per_forward
+
+
+def test_run_rows_for_each_remat_and_dtype_and_failures_go_on(
+    tmp_path, monkeypatch, capsys):
+  """A row per remat, dtype and model (remat only where the config has
+  model.remat), batch 0 as the config's; an out-of-memory row is recorded
+  and the rest run; rows past the time budget are skipped records."""
+  calls = []
+
+  def fake(model, batch, steps, warmup=2, dtype="float32", devices=1,
+           input_pipeline="synthetic", profile_dir=None, overrides=()):
+    calls.append((model, dtype, overrides))
+    if model == "ddpm" and dtype == "float32" and "blocks" in str(overrides):
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+    record = _fake_record(model, batch or 64, steps, warmup, dtype, devices)
+    record["remat"] = "".join(o.split("=")[1] for o in overrides)
+    return {**record, "step_ms_min": 1.0, "step_ms_max": 1.0,
+            "compile_s": 1.0}
+  monkeypatch.setattr(bench, "bench_one", fake)
+  out = tmp_path / "rows.jsonl"
+  records = bench.run(["dcgan", "ddpm"], [0], [1], 2,
+                      ["bfloat16", "float32"], "synthetic", str(out),
+                      remats=["none", "blocks"])
+  assert calls == [
+      ("dcgan", "bfloat16", ()), ("ddpm", "bfloat16", ("model.remat=none",)),
+      ("dcgan", "float32", ()), ("ddpm", "float32", ("model.remat=none",)),
+      ("ddpm", "bfloat16", ("model.remat=blocks",)),
+      ("ddpm", "float32", ("model.remat=blocks",))]
+  assert [r["remat"] for r in records] == ["", "none", "", "none", "blocks",
+                                           "blocks"]
+  assert records[-1]["skipped"].startswith("out of memory: JaxRuntimeError")
+  assert records[-1]["batch"] == 64  # experiments/ddpm.py's batch_size.
+  assert bench.read_records(str(out)) == records
+  assert "skipped: out of memory" in capsys.readouterr().out
+
+  # Past the budget, the rows left are records that say so.
+  now = [0.0]
+  monkeypatch.setattr(bench, "bench_one", lambda *a, **k: (
+      now.__setitem__(0, now[0] + 10), fake(*a, **k))[1])
+  records = bench.run(["dcgan", "ddpm"], [16], [1], 2, "float32",
+                      "synthetic", None, time_budget_s=5,
+                      clock=lambda: now[0])
+  assert "skipped" not in records[0]
+  assert records[1]["skipped"] == "time budget of 5 s spent"
+  # A bad name or override fails before anything runs.
+  calls.clear()
+  with pytest.raises(ValueError, match="Unknown model 'gpt'"):
+    bench.run(["dcgan", "gpt"], [16], [1], 2, "float32", "synthetic", None)
+  with pytest.raises(ValueError, match="model.remat"):
+    bench.run(["ddpm"], [16], [1], 2, "float32", "synthetic", None,
+              remats=["most"])
+  assert not calls
+
+
+def test_bench_cli_dtype_takes_a_list(monkeypatch, capsys):
+  from genimg_jax import cli  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(bench, "run", lambda *a, **k: seen.append(a[4]) or [])
+  monkeypatch.setattr(bench, "sweep", lambda *a, **k: seen.append(a[1]) or [])
+  assert cli.main(["bench", "--model", "cnn"]) == 0
+  assert cli.main(["bench", "--dtype", "bfloat16,float32"]) == 0
+  assert cli.main(["bench", "--sweep"]) == 0
+  assert cli.main(["bench", "--sweep", "--dtype", "bfloat16"]) == 0
+  assert cli.main(["bench", "--dtypes", "bfloat16"]) == 0  # The old name.
+  assert seen == [["float32"], ["bfloat16", "float32"],
+                  ["float32", "bfloat16"], ["bfloat16"], ["bfloat16"]]
+  assert cli.main(["bench", "--dtype", "float16"]) == 2
+  assert "Unknown dtype 'float16'" in capsys.readouterr().err
+  assert cli.main(["bench", "--sweep", "--remat", "blocks"]) == 2
+  assert "are for runs without --sweep" in capsys.readouterr().err
+
+
+def test_topology_rows_are_compile_memory_records(tmp_path, monkeypatch,
+                                                  capsys):
+  """`--topology`: each row compiled for the TPU topology (`aot.run`,
+  faked here: libtpu is not a test dependency) instead of timed."""
+  seen = []
+
+  def fake_run(config, topology):
+    seen.append((config.model.remat, config.mesh.fsdp, topology))
+    return {"argument": 2**30, "output": 2**30, "alias": 2**30,
+            "temp": 3 * 2**30, "generated_code": 0, "peak_bytes": 4 * 2**30,
+            "flops": 5e12, "device_kind": "TPU v5 lite", "devices": 4,
+            "hosts": 1, "batch_size": config.batch_size,
+            "topology": topology}
+  monkeypatch.setattr(aot, "topology_devices", lambda topology: [])
+  monkeypatch.setattr(aot, "run", fake_run)
+  out = tmp_path / "memory.jsonl"
+  records = bench.run(["dit_b2_latent"], [0], [0], 1, "float32",
+                      "synthetic", str(out), overrides=["mesh.fsdp=4"],
+                      remats=["none", "blocks"], topology="v5e:2x2")
+  assert seen == [("none", 4, "v5e:2x2"), ("blocks", 4, "v5e:2x2")]
+  assert [(r["remat"], r["fsdp"], r["batch"]) for r in records] == [
+      ("none", 4, 256), ("blocks", 4, 256)]
+  assert bench.read_records(str(out)) == records
+  assert "peak GiB" in capsys.readouterr().out
+
+
+def test_compile_memory_table_is_rendered_from_its_records():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "render_tables", os.path.join(REPO, "docs", "render_tables.py"))
+  render = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(render)
+  assert render.current(os.path.join(REPO, "docs", "training.md"),
+                        "compile-memory-table") == (
+                            render.compile_memory_table())
