@@ -226,8 +226,17 @@ def cached_file_list(root: str, eval_fraction: float,
     tmp.write_text(json.dumps({"key": key,
                                "list": json.loads(files.to_json())}))
     tmp.rename(path)
-    (epath.Path(workdir) / CLASSES).write_text(json.dumps(files.classes))
+    write_classes(workdir, files.classes)
   return files
+
+
+def write_classes(directory: str, classes: Sequence[str]) -> None:
+  """Writes DIRECTORY/classes.json (local or gs://, made if missing): the
+  class names as a JSON list, label k's name at index k."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / CLASSES).write_text(json.dumps(classes))
 
 
 # ----------------------------------------------------------------------------
@@ -538,10 +547,8 @@ def load_file_split(data_config, split: str, workdir: str | None = None):
   shards, positions = splits[split]
   if workdir:
     import jax  # pylint: disable=g-import-not-at-top
-    from etils import epath  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      (epath.Path(workdir) / CLASSES).write_text(json.dumps(classes))
+      write_classes(workdir, classes)
   return ArrayRecordSource(shards, transform, classes, positions, **kwargs)
 
 
@@ -591,8 +598,7 @@ def prepare(input_folder: str, output_dir: str, eval_fraction: float = 0.05,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       list(pool.map(write_shard, range(shards)))
     counts[split] = len(entries)
-  with open(os.path.join(local_dir, CLASSES), "w") as f:
-    json.dump(files.classes, f)
+  write_classes(local_dir, files.classes)
   if remote:
     out_fs, out_base = _filesystem(output_dir)
     out_fs.put(local_dir.rstrip("/") + "/", out_base.rstrip("/") + "/",

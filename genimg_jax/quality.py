@@ -352,6 +352,18 @@ def resnet_features_and_logits(model: classifier.ResNet):
       with_logits=True)
 
 
+def read_feature_network_meta(path: str) -> dict:
+  """The settings `save_feature_network` wrote to `path + ".json"`: width,
+  blocks_per_stage, num_classes (10 if absent), sha256, and image_shape as
+  a tuple ((28, 28, 1) if absent). Raises OSError (no file) or ValueError
+  (not JSON)."""
+  with open(path + ".json") as f:
+    meta = json.load(f)
+  meta["image_shape"] = tuple(meta.get("image_shape", (28, 28, 1)))
+  meta.setdefault("num_classes", 10)
+  return meta
+
+
 def load_feature_network(mesh, path: str = FEATURE_NETWORK,
                          image_shape=None) -> FeatureNetwork:
   """A saved ResNet feature network, checked against its SHA-256 and, if
@@ -362,19 +374,18 @@ def load_feature_network(mesh, path: str = FEATURE_NETWORK,
         "on the data set (experiments/resnet.py:DATASET) and write one with "
         "`genimg export-features --workdir DIR --output FILE`, or use "
         "inception:FILE (see `genimg convert-inception`).")
-  with open(path + ".json") as f:
-    meta = json.load(f)
+  meta = read_feature_network_meta(path)
   if file_sha256(path) != meta["sha256"]:
     raise ValueError(f"Feature network {path!r} does not match its SHA-256 "
                      f"{meta['sha256']}: the file is corrupt or was changed.")
-  net_shape = tuple(meta.get("image_shape", (28, 28, 1)))
+  net_shape = meta["image_shape"]
   if image_shape is not None and tuple(image_shape) != net_shape:
     raise ValueError(
         f"Feature network {path!r} takes images of shape {net_shape}, not "
         f"{tuple(image_shape)}. Export one trained on this data set with "
         "`genimg export-features`, use inception:FILE, or set "
         "--config.eval_samples=0.")
-  model = classifier.ResNet(meta.get("num_classes", 10), meta["width"],
+  model = classifier.ResNet(meta["num_classes"], meta["width"],
                             tuple(meta["blocks_per_stage"]))
   template = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, *net_shape))))
@@ -422,8 +433,7 @@ def feature_network_misfit(config) -> str | None:
     return None
   path = feature_network_path(name)
   try:
-    with open(path + ".json") as f:
-      net_shape = tuple(json.load(f).get("image_shape", (28, 28, 1)))
+    net_shape = read_feature_network_meta(path)["image_shape"]
   except (OSError, ValueError):
     return None
   shape = tuple(config.data.image_shape)

@@ -2,7 +2,6 @@
 closed forms and exact (Gaussian-data) models, the UNet's size, classifier-
 free guidance, the train step, 1 vs 8 devices and resume."""
 
-import json
 import math
 import os
 
@@ -14,7 +13,7 @@ import pytest
 from genimg_jax import config as config_lib, diffusion, parallel, samplers
 from genimg_jax import train
 from genimg_jax.nets import unet
-from conftest import REPO, tiny_config
+from conftest import REPO, assert_runs_agree, tiny_config, train_runs
 
 # A UNet that compiles fast (about 40 s on 2 cores), for tests of the step
 # and the trainer: one level, no attention. The multi-host test and
@@ -424,29 +423,15 @@ def test_one_and_eight_devices_agree(tmp_path, idx_dir, experiment):
   parameters (a norm per leaf), same evaluation. Labels dropped half the
   time and random flips on, so that per-device label dropout or flips would
   show too."""
-  results = {}
-  for n in (1, 8):
-    config = tiny_config(idx_dir, experiment, **MINI_UNET,
-                         **{"mesh.num_devices": n, "num_steps": 4,
-                            "log_every": 1, "diffusion.label_dropout": 0.5,
-                            "data.random_flip": True})
-    results[n] = train.train_and_evaluate(config, str(tmp_path / str(n)))
-  (s1, e1), (s8, e8) = results[1], results[8]
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    # Relative, with a floor for leaves at rounding level (biases behind
-    # zero-initialised layers: norms of 1e-10 after 4 steps).
-    scale = max(np.linalg.norm(a), np.linalg.norm(b), 1e-4)
-    assert np.linalg.norm(a - b) <= 1e-4 * scale
-  assert e8["loss"] == pytest.approx(e1["loss"], rel=1e-4)
-  rows = {n: [json.loads(l) for l in open(os.path.join(
-      tmp_path, str(n), "metrics.jsonl"))] for n in (1, 8)}
-  train_rows = {n: [r for r in rows[n] if r["split"] == "train"]
-                for n in rows}
-  assert len(train_rows[1]) == 4
-  for r1, r8 in zip(train_rows[1], train_rows[8]):
-    for k in ("loss", "grad_norm"):
-      assert r8[k] == pytest.approx(r1[k], rel=1e-4), (k, r1["step"])
+  configs = {n: tiny_config(idx_dir, experiment, **MINI_UNET,
+                            **{"mesh.num_devices": n, "num_steps": 4,
+                               "log_every": 1, "diffusion.label_dropout": 0.5,
+                               "data.random_flip": True}) for n in (1, 8)}
+  runs = train_runs(tmp_path, configs)
+  # Parameters relative, with a floor for leaves at rounding level (biases
+  # behind zero-initialised layers: norms of 1e-10 after 4 steps).
+  assert_runs_agree(runs[1], runs[8], ("loss", "grad_norm"), rtol=1e-4,
+                    params_rtol=1e-4, params_floor=1e-4)
 
 
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):

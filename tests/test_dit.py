@@ -14,7 +14,8 @@ import pytest
 
 from genimg_jax import config as config_lib, diffusion, parallel, train
 from genimg_jax.nets import dit
-from conftest import REPO, tiny_config
+from conftest import REPO, assert_metrics_agree, assert_trees_near
+from conftest import steps_on_mesh, tiny_config
 
 # A DiT that compiles in seconds: 4 x 4 tokens of 16 features on 8 x 8.
 TINY = dict(patch_size=2, hidden_size=16, depth=2, num_heads=2)
@@ -287,33 +288,19 @@ def test_one_and_eight_devices_agree(idx_dir):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
   labels = (np.arange(16) % 10).astype(np.int32)
-  results = {}
+  batches = [{"image": images, "label": labels}] * 2
+  runs = {}
   for n in (1, 8):
     config = tiny_config(idx_dir, "dit.py", **TINY_CONFIG, **{
         "mesh.num_devices": n, "diffusion.conditional": True,
         "diffusion.label_dropout": 0.5, "diffusion.objective": "flow",
         "diffusion.sampler": "euler"})
     assert isinstance(diffusion.make_model(config, 10), dit.DiT)
-    mesh = parallel.make_mesh(n)
-    state = train.init_state(config, mesh, jax.random.key(0), 10)
-    step = train.compile_train_step(config, mesh)
-    batch = {"image": parallel.shard_host_array(images, mesh),
-             "label": parallel.shard_host_array(labels, mesh)}
-    key = parallel.replicate(jax.random.key(1), mesh)
-    metrics = []
-    for _ in range(2):
-      state, m = step(state, batch, key)
-      metrics.append({k: float(v) for k, v in m.items()})
-    results[n] = jax.device_get(state.params), metrics
-  (p1, m1), (p8, m8) = results[1], results[8]
-  assert all(np.isfinite(m["loss"]) for m in m1)
-  for r1, r8 in zip(m1, m8):
-    for k in ("loss", "grad_norm"):
-      assert r8[k] == pytest.approx(r1[k], rel=1e-4), k
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.linalg.norm(a), np.linalg.norm(b), 1e-4)
-    assert np.linalg.norm(a - b) <= 1e-4 * scale
+    runs[n] = steps_on_mesh(config, n, batches, num_train_steps=10)
+  (_, s1, m1), (_, s8, m8) = runs[1], runs[8]
+  assert np.all(np.isfinite(m1["loss"]))
+  assert_metrics_agree(m1, m8, rtol=1e-4, names=("loss", "grad_norm"))
+  assert_trees_near(s1.params, s8.params, rtol=1e-4, floor=1e-4)
 
 
 def test_eps_step_loss_is_finite(idx_dir):

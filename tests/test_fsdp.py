@@ -2,13 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from genimg_jax import parallel, train
-from conftest import tiny_config
-from test_train import _assert_trees_near, _params, _train_metrics
+from conftest import assert_runs_agree, assert_trees_near, params_of
+from conftest import tiny_config, train_runs
 
 
 def test_each_leaf_is_split_along_its_largest_divisible_dimension():
@@ -36,22 +35,18 @@ def test_fsdp_trains_like_data_parallel_and_one_device(tmp_path, idx_dir):
   """data=8, data=2 x fsdp=4 and 1 device: the same losses and parameters
   (the tolerances of the 1-vs-8-device test), the state really split; a
   checkpoint of the FSDP run resumes on a plain data-parallel mesh."""
-  states, metrics = {}, {}
-  for name, mesh in {"d8": {}, "fsdp4": {"mesh.fsdp": 4},
-                     "d1": {"mesh.num_devices": 1}}.items():
-    config = tiny_config(idx_dir, "cnn.py", **mesh)
-    workdir = str(tmp_path / name)
-    states[name], _ = train.train_and_evaluate(config, workdir)
-    metrics[name] = _train_metrics(workdir)
-  kernel = states["fsdp4"].params["Dense_0"]["kernel"]
+  runs = train_runs(tmp_path, {
+      name: tiny_config(idx_dir, "cnn.py", **mesh) for name, mesh in {
+          "d8": {}, "fsdp4": {"mesh.fsdp": 4},
+          "d1": {"mesh.num_devices": 1}}.items()})
+  kernel = runs["fsdp4"].state.params["Dense_0"]["kernel"]
   assert kernel.sharding.spec == P("fsdp", None) or "fsdp" in str(
       kernel.sharding.spec)
   assert kernel.addressable_shards[0].data.size == kernel.size // 4
   for other in ("d8", "d1"):
-    for key in ("loss", "grad_norm", "param_norm"):
-      np.testing.assert_allclose(metrics["fsdp4"][key], metrics[other][key],
-                                 rtol=5e-6, err_msg=f"{key} vs {other}")
-    _assert_trees_near(_params(states[other]), _params(states["fsdp4"]), 2e-5)
+    assert_runs_agree(runs[other], runs["fsdp4"],
+                      ("loss", "grad_norm", "param_norm"), rtol=5e-6,
+                      params_rtol=2e-5)
   # Stopped at step 3 with fsdp=4, resumed to 6 with fsdp=1.
   workdir = str(tmp_path / "switch")
   train.train_and_evaluate(tiny_config(idx_dir, "cnn.py", **{"mesh.fsdp": 4}),
@@ -59,4 +54,4 @@ def test_fsdp_trains_like_data_parallel_and_one_device(tmp_path, idx_dir):
   resumed, _ = train.train_and_evaluate(tiny_config(idx_dir, "cnn.py"),
                                         workdir)
   assert int(resumed.step) == 6
-  _assert_trees_near(_params(states["d8"]), _params(resumed), 2e-5)
+  assert_trees_near(params_of(runs["d8"].state), params_of(resumed), 2e-5)

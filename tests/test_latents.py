@@ -14,7 +14,7 @@ from genimg_jax import autoencoder, cli, config as config_lib, data
 from genimg_jax import diffusion, latents
 from genimg_jax import parallel, train
 from genimg_jax.nets.autoencoder_kl import AutoencoderKL
-from conftest import tiny_config
+from conftest import assert_runs_agree, tiny_config, train_runs
 
 SCALE = 0.7
 
@@ -153,27 +153,13 @@ def test_latent_one_and_eight_devices_agree(tmp_path, idx_dir):
   """4 steps of the latent DiT on 1 and 8 devices, labels dropped half the
   time and flips on: same losses, gradient norms, parameters and test
   loss (per-device posterior draws or flips would differ)."""
-  results = {}
-  for n in (1, 8):
-    config = _encoded_config(
-        tmp_path, idx_dir, **{"mesh.num_devices": n, "num_steps": 4,
-                              "log_every": 1, "diffusion.label_dropout": 0.5,
-                              "data.random_flip": True})
-    results[n] = train.train_and_evaluate(config, str(tmp_path / str(n)))
-  (s1, e1), (s8, e8) = results[1], results[8]
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.linalg.norm(a), np.linalg.norm(b), 1e-4)
-    assert np.linalg.norm(a - b) <= 1e-4 * scale
-  assert e8["loss"] == pytest.approx(e1["loss"], rel=1e-4)
-  rows = {n: [json.loads(l) for l in open(os.path.join(
-      tmp_path, str(n), "metrics.jsonl"))] for n in (1, 8)}
-  train_rows = {n: [r for r in rows[n] if r["split"] == "train"]
-                for n in rows}
-  assert len(train_rows[1]) == 4
-  for r1, r8 in zip(train_rows[1], train_rows[8]):
-    for k in ("loss", "grad_norm"):
-      assert r8[k] == pytest.approx(r1[k], rel=1e-4), (k, r1["step"])
+  configs = {n: _encoded_config(
+      tmp_path, idx_dir, **{"mesh.num_devices": n, "num_steps": 4,
+                            "log_every": 1, "diffusion.label_dropout": 0.5,
+                            "data.random_flip": True}) for n in (1, 8)}
+  runs = train_runs(tmp_path, configs)
+  assert_runs_agree(runs[1], runs[8], ("loss", "grad_norm"), rtol=1e-4,
+                    params_rtol=1e-4, params_floor=1e-4)
 
 
 def test_latent_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):

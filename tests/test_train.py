@@ -11,39 +11,8 @@ import numpy as np
 import pytest
 
 from genimg_jax import bench, checkpoint, classifier, cli, parallel, train
-from conftest import REPO, tiny_config
-
-
-def _params(state):
-  return jax.tree.map(np.asarray, jax.device_get(state.params))
-
-
-def _assert_trees_near(a, b, rtol):
-  """Each leaf's ||a - b|| / max(||a||, ||b||) (float64) is at most `rtol`.
-
-  A norm per leaf, not a bound per element: Adam turns a gradient element
-  near 0 into a full-size step of either sign, so one element may differ a
-  lot between two CPUs (their vector widths sum in other orders) while the
-  leaf as a whole agrees to ~1e-6.
-  """
-  paths_a, leaves_a = zip(*jax.tree_util.tree_leaves_with_path(a))
-  paths_b, leaves_b = zip(*jax.tree_util.tree_leaves_with_path(b))
-  assert paths_a == paths_b
-  for path, x, y in zip(paths_a, leaves_a, leaves_b):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    scale = max(np.linalg.norm(x), np.linalg.norm(y))
-    diff = np.linalg.norm(x - y) / scale if scale else 0.0
-    assert diff <= rtol, (f"{jax.tree_util.keystr(path)}: ||a - b|| / ||a|| "
-                          f"= {diff:.3g} > {rtol:g}")
-
-
-def _train_metrics(workdir):
-  """{name: [value at step 1, 2, ...]} from the run's metrics.jsonl."""
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  rows = [r for r in rows if r["split"] == "train"]
-  assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
-  return {k: np.array([r[k] for r in rows]) for k in rows[0]
-          if k not in ("step", "split")}
+from conftest import REPO, assert_runs_agree, assert_trees_near, params_of
+from conftest import tiny_config, train_runs
 
 
 def _assert_trees_equal(a, b):
@@ -69,30 +38,23 @@ def test_one_and_eight_devices_give_the_same_parameters(
   the device count) and the parameters by up to 2.
   """
   assert jax.device_count() == 8
-  states, metrics, evals = {}, {}, {}
-  for n in (1, 8):
-    config = tiny_config(idx_dir, experiment, **{"mesh.num_devices": n},
-                         **overrides)
-    workdir = str(tmp_path / str(n))
-    states[n], evals[n] = train.train_and_evaluate(config, workdir)
-    assert int(states[n].step) == 6
-    metrics[n] = _train_metrics(workdir)
+  configs = {n: tiny_config(idx_dir, experiment, **{"mesh.num_devices": n},
+                            **overrides) for n in (1, 8)}
+  runs = train_runs(tmp_path, configs)
   # Per step: the batch's loss before the update, the gradient's norm and
   # the updated parameters' norm. (Not the accuracy: a near tie may flip.)
-  for name in ("loss", "grad_norm", "param_norm"):
-    np.testing.assert_allclose(metrics[8][name], metrics[1][name], rtol=5e-6,
-                               err_msg=name)
-  assert evals[8]["loss"] == pytest.approx(evals[1]["loss"], rel=5e-6)
-  _assert_trees_near(_params(states[1]), _params(states[8]), params_rtol)
+  assert_runs_agree(runs[1], runs[8], ("loss", "grad_norm", "param_norm"),
+                    rtol=5e-6, params_rtol=params_rtol)
   if experiment.startswith("resnet"):
-    _assert_trees_near(jax.device_get(states[1].batch_stats),
-                       jax.device_get(states[8].batch_stats), rtol=1e-5)
+    assert_trees_near(jax.device_get(runs[1].state.batch_stats),
+                      jax.device_get(runs[8].state.batch_stats), rtol=1e-5)
   # Training moved the parameters away from their initial values.
   config = tiny_config(idx_dir, experiment, **overrides)
   init = train.init_state(config, parallel.make_mesh(), jax.random.split(
       jax.random.key(config.seed))[0], 6)
   assert any(not np.allclose(a, b) for a, b in zip(
-      jax.tree.leaves(_params(init)), jax.tree.leaves(_params(states[8]))))
+      jax.tree.leaves(params_of(init)),
+      jax.tree.leaves(params_of(runs[8].state))))
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path, idx_dir):
@@ -100,7 +62,7 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path, idx_dir):
   for name, seed in (("a", 0), ("b", 0), ("c", 1)):
     config = tiny_config(idx_dir, seed=seed)
     state, metrics = train.train_and_evaluate(config, str(tmp_path / name))
-    runs[name] = (_params(state), metrics)
+    runs[name] = (params_of(state), metrics)
   _assert_trees_equal(runs["a"][0], runs["b"][0])
   assert runs["a"][1] == runs["b"][1]
   assert not np.array_equal(jax.tree.leaves(runs["a"][0])[0],
@@ -126,7 +88,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, idx_dir):
   assert int(stopped.step) == 4 and metrics == {}
   resumed, resumed_metrics = train.train_and_evaluate(config, workdir)
   assert int(resumed.step) == 6
-  _assert_trees_equal(_params(full), _params(resumed))
+  _assert_trees_equal(params_of(full), params_of(resumed))
   _assert_trees_equal(jax.device_get(full.opt_state),
                       jax.device_get(resumed.opt_state))
   _assert_trees_equal(jax.device_get(full.batch_stats),
