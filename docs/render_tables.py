@@ -330,6 +330,27 @@ def sampler_table() -> str:
   return "\n".join(lines)
 
 
+def latent_dit_table() -> str:
+  """Pixel UNet, pixel DiT and latent DiT on Fashion-MNIST at 10,000
+  samples, with the training runs' CPU time."""
+  records = [r for r in load_results("diffusion")
+             if r["config"] in ("ddpm", "dit", "latent_dit") and
+             r.get("eval_samples") == 10000 and r["eval"]["step"] == 2000]
+  lines = ["| run | steps x batch | FID / score | sampler | wall time of the "
+           "run | CPU time of the run |", "| --- | --- | --- | --- | --- | --- |"]
+  for r in records:
+    rs = runs(load_results("diffusion"))[run_key(r)]
+    cpu = run_field(rs, "cpu_s")
+    cpu = (f"{cpu['user'] + cpu['system']:,} s ({cpu['user']:,} user + "
+           f"{cpu['system']:,} system)" if cpu else "-")
+    if run_field(rs, "cpu_note"):
+      cpu += f"; {run_field(rs, 'cpu_note')}"
+    lines.append(f"| {r.get('description', r['model'])} | {steps_x_batch(r)} "
+                 f"| {fid_score(r)} | {sampler_text(r)} | {wall_text(rs)} | "
+                 f"{cpu} |")
+  return "\n".join(lines)
+
+
 def results_tables() -> dict[tuple[str, str], str]:
   """{(page, marker): table} of every table rendered from docs/results/."""
   readme = os.path.join(os.path.dirname(DOCS), "README.md")
@@ -341,7 +362,9 @@ def results_tables() -> dict[tuple[str, str], str]:
           (results, "gan-table"): gan_table(),
           (results, "vae-table"): vae_table(),
           (diffusion, "diffusion-table"): diffusion_table(),
-          (diffusion, "sampler-table"): sampler_table()}
+          (diffusion, "sampler-table"): sampler_table(),
+          (os.path.join(DOCS, "latent.md"), "latent-dit-table"):
+              latent_dit_table()}
 
 
 # A record from a finished run: python docs/render_tables.py record ...

@@ -8,7 +8,7 @@ that experiments/latent_dit.py needs no outside weights.
 
 local: block_out_channels (32, 64, 64) (two halvings: 28 x 28 x 1 -> 7 x 7
 x 4 latents, 32 x 32 -> 8 x 8, 64 x 64 -> 16 x 16), one resnet a level,
-GroupNorm of 8 groups, mid-block attention, 953,413 parameters; batch 64, 2,000
+GroupNorm of 8 groups, mid-block attention, 953,413 parameters; batch 64, 1,000
 steps, Adam 1e-3 (cosine, 200 warm-up steps).
 full: (128, 256, 256), two resnets a level, 32 groups (SD's VAE with one
 level fewer), batch 64, 100,000 steps, Adam 1e-4 constant. Both: L1 reconstruction + 1e-6 x KL (LDM's kl_weight; no LPIPS or
@@ -54,7 +54,7 @@ def get_config(arg=""):
   config.batch_size = 64
   config.eval_batch_size = 500
   config.num_epochs = 0
-  config.num_steps = 2000 if local else 100000
+  config.num_steps = 1000 if local else 100000
   config.eval_every = 1000 if local else 10000
   config.checkpoint_every = 500 if local else 5000
   return config

@@ -304,7 +304,6 @@ def _parser():
   bench.add_argument("--dtype", default=None,
                      help="comma-separated: float32, bfloat16 (default "
                           "float32; --sweep: float32,bfloat16)")
-  bench.add_argument("--dtypes", dest="dtype", help=argparse.SUPPRESS)
   bench.add_argument("--remat", default="",
                      help="comma-separated model.remat values (none, "
                           "blocks, full) for the models that have it "

@@ -575,9 +575,8 @@ def test_bench_cli_dtype_takes_a_list(monkeypatch, capsys):
   assert cli.main(["bench", "--dtype", "bfloat16,float32"]) == 0
   assert cli.main(["bench", "--sweep"]) == 0
   assert cli.main(["bench", "--sweep", "--dtype", "bfloat16"]) == 0
-  assert cli.main(["bench", "--dtypes", "bfloat16"]) == 0  # The old name.
   assert seen == [["float32"], ["bfloat16", "float32"],
-                  ["float32", "bfloat16"], ["bfloat16"], ["bfloat16"]]
+                  ["float32", "bfloat16"], ["bfloat16"]]
   assert cli.main(["bench", "--dtype", "float16"]) == 2
   assert "Unknown dtype 'float16'" in capsys.readouterr().err
   assert cli.main(["bench", "--sweep", "--remat", "blocks"]) == 2
