@@ -491,9 +491,14 @@ def compile_memory_table() -> str:
            "batch), GiB | temporaries, GiB | peak, GiB per chip | GFLOP per "
            "chip and step |", "|---|---|---|---|---|---|---|---|"]
   for r in records:
+    if "does_not_fit" in r:
+      lines.append(f"| {r['model']} | {r['batch']} | {r['fsdp']} | "
+                   f"{r['remat']} | does not fit: {r['does_not_fit']} | | | |")
+      continue
     lines.append(f"| {r['model']} | {r['batch']} | {r['fsdp']} | "
                  f"{r['remat']} | {gib(r['argument'])} | {gib(r['temp'])} | "
                  f"{gib(r['peak_bytes'])} | {r['flops'] / 1e9:,.0f} |")
+  records = [x for x in records if "does_not_fit" not in x]
   r = records[-1]
   lines.append("")
   lines.append(f"{r['devices']} x {r['device_kind']} (topology "
