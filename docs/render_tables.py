@@ -82,7 +82,8 @@ README_RUNS = (("cnn", "fashion_mnist", "local"),
                ("cgan", "fashion_mnist", "local"),
                ("vae_conv", "fashion_mnist", "local"),
                ("ddpm", "fashion_mnist", "local"),
-               ("flow", "fashion_mnist", "local"))
+               ("flow", "fashion_mnist", "local"),
+               ("latent_dit", "fashion_mnist", "local"))
 SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler",
                  "heun": "Heun"}
 
