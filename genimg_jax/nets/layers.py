@@ -257,6 +257,52 @@ def _lax_conv_transpose(stride: int):
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def conv_transpose_as_conv_grad(x_BHWC: jax.Array, kernel_KKIO: jax.Array,
+                                stride: int) -> jax.Array:
+  """`lax.conv_transpose(x, k, (s, s), "SAME")`, with the gradient that
+  TensorFlow's Conv2DTranspose gets (Conv2DBackpropInput / Filter).
+
+  The transposed convolution is the input gradient of A(z) = conv(z, k', s,
+  "SAME"), k' = k flipped with I and O swapped. Its input gradient is A of
+  the output gradient (a strided convolution), its kernel gradient the
+  kernel gradient of A at the output gradient with x as cotangent (a
+  window-dilated convolution), both forms XLA:CPU runs as its own (Eigen)
+  convolutions. JAX's transpose of the dilated form is a convolution dilated
+  on both operands with a reversed window, which XLA:CPU emits as a loop
+  (the DCGAN's 64 -> 1 kernel gradient). Values are lax's; gradients equal
+  lax's up to float summation order.
+
+  x: [B, H, W, I]; kernel: [K, K, I, O] (Flax ConvTranspose layout).
+  Returns [B, s H, s W, O].
+  """
+  reference = _lax_conv_transpose(stride)
+
+  def conv(z, k):
+    return jax.lax.conv_general_dilated(
+        z, k, (stride, stride), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def flip(k):  # [K, K, I, O] <-> [K, K, O, I], spatially reversed.
+    return jnp.swapaxes(k[::-1, ::-1], 2, 3)
+
+  @jax.custom_vjp
+  def transposed(x, kernel):
+    return reference(x, kernel)
+
+  def fwd(x, kernel):
+    return reference(x, kernel), (x, kernel)
+
+  def bwd(residuals, g_BhwO):
+    x, kernel = residuals
+    flipped = flip(kernel)
+    _, kernel_vjp = jax.vjp(lambda k: conv(g_BhwO, k), flipped)
+    return (conv(g_BhwO, flipped),
+            flip(kernel_vjp(x.astype(g_BhwO.dtype))[0]).astype(kernel.dtype))
+
+  transposed.defvjp(fwd, bwd)
+  return transposed(x_BHWC, kernel_KKIO)
+
+
 class _SameConv(nn.Module):
   """Parameters, dtype and bias of a "SAME" convolution or transposed
   convolution (kernel [k, k, I, O]); the subclass's `convolve(x, kernel)`
@@ -286,46 +332,36 @@ class _SameConv(nn.Module):
 class ConvTranspose1x(_SameConv):
   """`nn.ConvTranspose(features, (k, k), padding="SAME")` (stride 1).
 
-  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
-  computed on CPU by `conv_transpose_stride1`, which skips the zero-padded
-  rows.
+  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs; on
+  CPU `conv_transpose_as_conv_grad` (lax's forward pass, TensorFlow's form
+  of the gradient).
   """
 
   def convolve(self, x_BHWC, kernel_KKIO):
     if not cpu_rewrites():
       return _lax_conv_transpose(1)(x_BHWC, kernel_KKIO)
-    return conv_transpose_stride1(x_BHWC, kernel_KKIO)
+    return conv_transpose_as_conv_grad(x_BHWC, kernel_KKIO, 1)
 
 
-class ConvTransposeTaps(_SameConv):
-  """`nn.ConvTranspose(features, (k, k), padding="SAME")` (stride 1) whose
-  forward pass on CPU is `conv_transpose_taps` (for few output channels, e.g.
-  an image's logits: 10x faster than XLA:CPU's convolution at 32 -> 1
-  channels) and whose gradient is lax's. Same parameters and outputs."""
-
-  def convolve(self, x_BHWC, kernel_KKIO):
-    reference = _lax_conv_transpose(1)
-    if not cpu_rewrites():
-      return reference(x_BHWC, kernel_KKIO)
-    taps = lambda x, k: conv_transpose_taps(x, k, 1)
-    return forward_by(taps, reference)(x_BHWC, kernel_KKIO)
+class ConvTransposeTaps(ConvTranspose1x):
+  """The conv VAE decoder's last layer (few output channels): the same as
+  `ConvTranspose1x`, kept as its own class for its name in the parameter
+  tree. (`conv_transpose_taps` as its forward pass, with lax's gradient, was
+  slower in the VAE's step: docs/performance.md.)"""
 
 
 class ConvTranspose2x(_SameConv):
   """`nn.ConvTranspose(features, (k, k), strides=(2, 2), padding="SAME")`.
 
-  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs,
-  computed on CPU by `conv_transpose_stride2` (7x faster gradient than lax's
-  for 128 -> 64 channels at batch 128). With fewer than `min_phase_features`
-  output channels, and on other backends, lax's own dilated form is used.
-  (Its forward pass by `conv_transpose_taps` was 1.3-1.6x faster alone, but
-  made the conv VAE's train step 2.2x slower: not used.)
+  The same parameters ("kernel" [k, k, I, O], "bias" [O]) and outputs; on
+  CPU `conv_transpose_as_conv_grad`: lax's dilated forward pass, a strided
+  input gradient and a window-dilated kernel gradient, as TensorFlow lowers
+  Conv2DTranspose. On other backends lax's own form.
   """
-  min_phase_features: int = 8
 
   def convolve(self, x_BHWC, kernel_KKIO):
-    if cpu_rewrites() and self.features >= self.min_phase_features:
-      return conv_transpose_stride2(x_BHWC, kernel_KKIO)
+    if cpu_rewrites():
+      return conv_transpose_as_conv_grad(x_BHWC, kernel_KKIO, 2)
     return _lax_conv_transpose(2)(x_BHWC, kernel_KKIO)
 
 
