@@ -623,10 +623,12 @@ def run(models: list[str], batches: list[int], devices: list[int],
   own_batch = {}  # The config's batch_size, for batch 0.
   for model in models:
     for remat in remats:
-      own_batch[model] = load_model_config(
-          model, 0, dtypes[0], devices[0],
-          [*overrides, *([f"model.remat={remat}"] if remat and
-                         remat_of[model] else [])]).batch_size
+      extra = [f"model.remat={remat}"] if remat and remat_of[model] else []
+      for batch in {0, *batches}:  # A bad batch raises here, not as a row.
+        config = load_model_config(model, batch, dtypes[0], devices[0],
+                                   [*overrides, *extra])
+        if not batch:
+          own_batch[model] = config.batch_size
   write, start, records = records_writer(output), clock(), []
   for remat in remats:
     for dtype in dtypes:
