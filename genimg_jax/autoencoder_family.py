@@ -5,14 +5,31 @@ The network is `nets.autoencoder_kl.AutoencoderKL` (diffusers' SD VAE, here
 with config.autoencoder's small widths). Images are scaled to [-1, 1]; the
 encoder gives q(z|x) = N(mean, diag(exp(logvar))), z = mean + exp(logvar / 2)
 eps is drawn from an explicit key, and the loss per image is LDM's without
-LPIPS or discriminator:
+LPIPS:
 
-  sum over pixels of |x - x_rec| ("l1") or (x - x_rec)^2 ("l2")
+  rec = sum over pixels of |x - x_rec| ("l1") or (x - x_rec)^2 ("l2")
   + kl_weight * KL(q(z|x) || N(0, I)) summed over the latent's elements,
 
-averaged over the batch (LDM's kl_weight: 1e-6). `export` writes the trained
-network for `autoencoder.load` with its scaling factor, 1 / std of sampled
-latents of a training batch (LDM's `scale_by_std`).
+averaged over the batch (LDM's kl_weight: 1e-6).
+
+With autoencoder.disc_weight > 0, LDM's (taming-transformers')
+`LPIPSWithDiscriminator` adversarial terms are added, with a PatchGAN
+discriminator D (`nets.patch_discriminator.NLayerDiscriminator`) on patch
+logits; from step disc_start on (disc_factor f = 1, before it 0):
+
+  autoencoder: rec + kl_weight * KL + f * lambda * g_loss,
+      g_loss = -mean(D(x_rec)) (taming's, for either disc_loss),
+      lambda = disc_weight * clip(||d mean(rec) / d W|| /
+               (||d g_loss / d W|| + 1e-4), 0, 1e4), held constant, with W
+               the decoder's conv_out kernel (taming's adaptive weight; its
+               nll is the reconstruction term only, without the KL);
+  D: f * 0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(sg(x_rec)))))
+      ("hinge"; "vanilla": softplus(-D(x)) and softplus(D(sg(x_rec)))).
+
+Both networks are updated in one step from one forward pass of the
+autoencoder (see `train_step`). `export` writes the trained network for
+`autoencoder.load` with its scaling factor, 1 / std of sampled latents of a
+training batch (LDM's `scale_by_std`); the discriminator is not exported.
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import dataclasses
 import functools
 import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +46,14 @@ import numpy as np
 import optax
 
 from genimg_jax import autoencoder, classifier, data, images as images_lib
-from genimg_jax import optim, parallel
+from genimg_jax import gan, optim, parallel
 from genimg_jax.nets.autoencoder_kl import AutoencoderKL
+from genimg_jax.nets.patch_discriminator import NLayerDiscriminator
 
 LOSSES = ("l1", "l2")
+# autoencoder.disc_loss -> the GAN family's discriminator loss of that name.
+DISC_LOSSES = {"hinge": "hinge", "vanilla": "non_saturating"}
+ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-4, 1e4  # taming's calculate_adaptive_weight.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +61,17 @@ class Settings:
   loss: str = "l1"
   kl_weight: float = 1e-6
   random_flip: bool = False  # Training images mirrored (data.random_flip).
+  disc_weight: float = 0.0  # 0: no discriminator.
+  disc_start: int = 0  # The step from which the adversarial terms count.
+  disc_loss: str = "hinge"
+
+
+class AutoencoderState(classifier.TrainState):
+  """The autoencoder's TrainState plus the discriminator's (params,
+  optimizer state, BatchNorm statistics): the state when
+  autoencoder.disc_weight > 0 (without a discriminator the state is a
+  plain `classifier.TrainState`, as before it existed)."""
+  disc: Any = None
 
 
 def settings_from_config(config) -> Settings:
@@ -46,7 +79,13 @@ def settings_from_config(config) -> Settings:
   if a.loss not in LOSSES:
     raise ValueError(f"Unknown autoencoder.loss {a.loss!r}; choose from "
                      f"{LOSSES}.")
-  return Settings(a.loss, a.kl_weight, config.data.get("random_flip", False))
+  disc_loss = a.get("disc_loss", "hinge")
+  if disc_loss not in DISC_LOSSES:
+    raise ValueError(f"Unknown autoencoder.disc_loss {disc_loss!r}; choose "
+                     f"from {tuple(DISC_LOSSES)}.")
+  return Settings(a.loss, a.kl_weight, config.data.get("random_flip", False),
+                  float(a.get("disc_weight", 0.0)),
+                  int(a.get("disc_start", 0)), disc_loss)
 
 
 def make_model(config, scaling_factor: float = 1.0) -> AutoencoderKL:
@@ -60,13 +99,35 @@ def make_model(config, scaling_factor: float = 1.0) -> AutoencoderKL:
       shift_factor=None, mid_block_add_attention=a.mid_block_attention)
 
 
+def make_discriminator(config) -> NLayerDiscriminator:
+  """The config's patch discriminator (autoencoder.disc_channels,
+  disc_layers)."""
+  a = config.autoencoder
+  return NLayerDiscriminator(channels=a.get("disc_channels", 64),
+                             num_layers=a.get("disc_layers", 3))
+
+
 def create_train_state(config, rng, num_steps) -> classifier.TrainState:
-  """Fresh state. rng: parameter initialisation."""
+  """Fresh state: a `classifier.TrainState`, or with
+  autoencoder.disc_weight > 0 an `AutoencoderState` whose `disc` is the
+  discriminator's TrainState (the same optimizer config as the
+  autoencoder's). rng: the autoencoder's initial parameters; the
+  discriminator's come from rng folded with 1."""
   model = make_model(config)
   params = model.init(rng, jnp.zeros((1, *config.data.image_shape)))["params"]
-  return classifier.TrainState.create(
-      apply_fn=model.apply, params=params, batch_stats={},
+  tx = optim.make_optimizer(config.optimizer, num_steps)
+  if not config.autoencoder.get("disc_weight", 0.0):
+    return classifier.TrainState.create(
+        apply_fn=model.apply, params=params, batch_stats={}, tx=tx)
+  disc = make_discriminator(config)
+  d_vars = disc.init(jax.random.fold_in(rng, 1),
+                     jnp.zeros((2, *config.data.image_shape)))
+  d_state = classifier.TrainState.create(
+      apply_fn=disc.apply, params=d_vars["params"],
+      batch_stats=d_vars["batch_stats"],
       tx=optim.make_optimizer(config.optimizer, num_steps))
+  return AutoencoderState.create(apply_fn=model.apply, params=params,
+                                 batch_stats={}, tx=tx, disc=d_state)
 
 
 def to_model_range(image_uint8):
@@ -88,14 +149,48 @@ def reconstruction_error(loss: str, x, x_rec) -> jax.Array:
   return jnp.sum(err.reshape(err.shape[0], -1), axis=-1)
 
 
+def disc_factor(step, disc_start: int) -> jax.Array:
+  """taming's `adopt_weight`: 1.0 from step `disc_start` on, else 0.0."""
+  return jnp.where(step >= disc_start, 1.0, 0.0)
+
+
+def adaptive_weight(rec_grad_W, g_grad_W, disc_weight: float) -> jax.Array:
+  """taming's `calculate_adaptive_weight`: disc_weight * clip(||rec_grad||
+  / (||g_grad|| + 1e-4), 0, 1e4), gradients of the reconstruction and of
+  the generator loss w.r.t. the last layer's kernel W; no gradient flows
+  through it."""
+  ratio = jnp.linalg.norm(rec_grad_W) / (jnp.linalg.norm(g_grad_W)
+                                         + ADAPTIVE_EPS)
+  return disc_weight * jax.lax.stop_gradient(
+      jnp.clip(ratio, 0.0, ADAPTIVE_MAX))
+
+
+def last_layer(params_or_grads):
+  """The decoder's final conv kernel [3, 3, C, channels] ("last_layer" of
+  taming's adaptive weight)."""
+  return params_or_grads["decoder"]["conv_out"]["kernel"]
+
+
+def discriminator_loss(kind: str, logits_real, logits_fake) -> jax.Array:
+  """0.5 * (mean over patches and examples of the real term + of the fake
+  term), taming's d_loss; kind "hinge" or "vanilla"."""
+  return 0.5 * jnp.mean(gan.discriminator_loss(DISC_LOSSES[kind], logits_real,
+                                               logits_fake))
+
+
 def train_step(state, batch, rng, *, settings: Settings):
   """One step on the mean per-image loss (module docstring).
 
   rng (folded with the step): z's draw and, with settings.random_flip, the
-  flips (`data.random_flip`). Metrics: loss, rec (the reconstruction term
-  per image), kl (nats per image), l1 and mse per pixel in [-1, 1],
-  grad_norm, param_norm (after the update).
+  flips (`data.random_flip`); the discriminator draws nothing. Metrics:
+  loss, rec (the reconstruction term per image), kl (nats per image), l1
+  and mse per pixel in [-1, 1], grad_norm, param_norm (after the update);
+  with the discriminator (settings.disc_weight > 0, `adversarial_step`)
+  also g_loss, disc_weight, disc_factor, disc_loss, logits_real,
+  logits_fake, disc_grad_norm.
   """
+  if settings.disc_weight > 0:
+    return adversarial_step(state, batch, rng, settings=settings)
   rng = jax.random.fold_in(rng, state.step)
   images = batch["image"]
   if settings.random_flip:
@@ -117,6 +212,87 @@ def train_step(state, batch, rng, *, settings: Settings):
                  "mse": jnp.mean((x_rec - x) ** 2),
                  "grad_norm": optax.tree.norm(grads),
                  "param_norm": optax.tree.norm(state.params)}
+
+
+def adversarial_step(state: AutoencoderState, batch, rng, *,
+                     settings: Settings):
+  """`train_step` with the discriminator (module docstring): one forward
+  pass of the autoencoder; the gradients of rec + kl_weight * KL (g_rec)
+  and of g_loss (g_adv) w.r.t. its parameters, lambda from their
+  decoder conv_out leaves, the update with g_rec + f * lambda * g_adv; the
+  discriminator's update with the gradient of f * d_loss on the same x and
+  x_rec (stop-gradient), from its parameters before this step.
+
+  taming (PyTorch Lightning's loop over two optimizers) updates the
+  autoencoder first and then draws a new reconstruction with it for the
+  discriminator's step; here both updates start from the same forward, as
+  one simultaneous step. D runs in training mode everywhere (BatchNorm on
+  the batch's statistics); its running averages are updated by the real,
+  then the fake pass of its own loss, not by the generator's pass. rng:
+  as `train_step` (z's draw, flips).
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  images = batch["image"]
+  if settings.random_flip:
+    images = data.random_flip(images, rng)
+  x = to_model_range(images)
+  z_rng = jax.random.fold_in(rng, 0)
+  d = state.disc
+
+  def forward(params):
+    return state.apply_fn({"params": params}, x, z_rng)
+
+  def rec_loss_fn(params):
+    x_rec, mean, logvar = forward(params)
+    rec = reconstruction_error(settings.loss, x, x_rec)
+    kl = kl_to_standard_normal(mean, logvar)
+    return jnp.mean(rec + settings.kl_weight * kl), (x_rec, rec, kl)
+
+  def d_logits(params, batch_stats, images):
+    """D in training mode: (logits [B, h, w, 1], updated batch_stats)."""
+    logits, new = d.apply_fn({"params": params, "batch_stats": batch_stats},
+                             images, train=True, mutable=["batch_stats"])
+    return logits, new["batch_stats"]
+
+  def g_loss_fn(params):
+    x_rec, _, _ = forward(params)
+    logits_fake, _ = d_logits(d.params, d.batch_stats, x_rec)
+    return jnp.mean(gan.generator_loss("hinge", logits_fake))
+
+  (rec_loss, (x_rec, rec, kl)), rec_grads = jax.value_and_grad(
+      rec_loss_fn, has_aux=True)(state.params)
+  g_loss, g_grads = jax.value_and_grad(g_loss_fn)(state.params)
+  factor = disc_factor(state.step, settings.disc_start)
+  # The KL does not reach the decoder: last_layer(rec_grads) is the
+  # gradient of the reconstruction term alone (taming's nll_loss).
+  lam = adaptive_weight(last_layer(rec_grads), last_layer(g_grads),
+                        settings.disc_weight)
+  grads = jax.tree.map(lambda a, b: a + (factor * lam) * b, rec_grads,
+                       g_grads)
+
+  fake = jax.lax.stop_gradient(x_rec)
+
+  def d_loss_fn(params):
+    logits_real, stats = d_logits(params, d.batch_stats, x)
+    logits_fake, stats = d_logits(params, stats, fake)
+    loss = factor * discriminator_loss(settings.disc_loss, logits_real,
+                                       logits_fake)
+    return loss, (stats, logits_real, logits_fake)
+
+  (d_loss, (d_stats, logits_real, logits_fake)), d_grads = (
+      jax.value_and_grad(d_loss_fn, has_aux=True)(d.params))
+  new_d = d.apply_gradients(grads=d_grads, batch_stats=d_stats)
+  state = state.apply_gradients(grads=grads, disc=new_d)
+  return state, {"loss": rec_loss + factor * lam * g_loss,
+                 "rec": jnp.mean(rec), "kl": jnp.mean(kl),
+                 "l1": jnp.mean(jnp.abs(x_rec - x)),
+                 "mse": jnp.mean((x_rec - x) ** 2),
+                 "grad_norm": optax.tree.norm(grads),
+                 "param_norm": optax.tree.norm(state.params),
+                 "g_loss": g_loss, "disc_weight": lam, "disc_factor": factor,
+                 "disc_loss": d_loss, "logits_real": jnp.mean(logits_real),
+                 "logits_fake": jnp.mean(logits_fake),
+                 "disc_grad_norm": optax.tree.norm(d_grads)}
 
 
 def bind_train_step(config, mesh=None):

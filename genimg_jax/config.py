@@ -372,6 +372,12 @@ FIELD_RULES: dict[str, Rule] = {
     "autoencoder.mid_block_attention": _BOOL,
     "autoencoder.kl_weight": _number(0.0),
     "autoencoder.loss": _choice("l1", "l2"),
+    "autoencoder.disc_weight": _number(0.0, note="0: no discriminator"),
+    "autoencoder.disc_start": _integer(0, note="the step the adversarial "
+                                       "terms start at"),
+    "autoencoder.disc_layers": _integer(1),
+    "autoencoder.disc_channels": _integer(1),
+    "autoencoder.disc_loss": _choice("hinge", "vanilla"),
     "diffusion.autoencoder": Rule(str, note="'': pixel space; FILE: the "
                                   "KL autoencoder of diffusion.latents"),
     "diffusion.latents": Rule(str, note="'': pixel space; DIR from `genimg "
@@ -539,6 +545,9 @@ def _ineffective(key: str, flat: dict) -> str | None:
       return f"sgd has no {leaf} (momentum is its decay)"
   if key == "gan.gp_weight" and get("gan.loss") != "wgan_gp":
     return f"only gan.loss='wgan_gp' has a gradient penalty"
+  if key.startswith("autoencoder.disc_") and key != (
+      "autoencoder.disc_weight") and not get("autoencoder.disc_weight"):
+    return "the discriminator is off (autoencoder.disc_weight=0)"
   if key in ("fid_stats", "eval_reference_split") and not (
       get("feature_network")) and get(key):
     return "no feature network: set feature_network too"

@@ -66,6 +66,22 @@ BAD_VALUES = [
     ("dit", ["model.learn_sigma=true", "diffusion.sampler=ddpm",
              "diffusion.ddpm_variance=fixedlarge"], "diffusion.ddpm_variance",
      "takes the learned variance"),
+    ("autoencoder_kl", ["autoencoder.disc_weight=-0.5"],
+     "autoencoder.disc_weight", ">= 0"),
+    ("autoencoder_kl", ["autoencoder.disc_weight=0.5",
+                        "autoencoder.disc_start=-1"],
+     "autoencoder.disc_start", ">= 0"),
+    ("autoencoder_kl", ["autoencoder.disc_weight=0.5",
+                        "autoencoder.disc_layers=0"],
+     "autoencoder.disc_layers", ">= 1"),
+    ("autoencoder_kl", ["autoencoder.disc_weight=0.5",
+                        "autoencoder.disc_channels=0"],
+     "autoencoder.disc_channels", ">= 1"),
+    ("autoencoder_kl", ["autoencoder.disc_weight=0.5",
+                        "autoencoder.disc_loss=wgan"],
+     "autoencoder.disc_loss", "'hinge', 'vanilla'"),
+    ("autoencoder_kl", ["autoencoder.disc_start=100"],
+     "autoencoder.disc_start", "the discriminator is off"),
 ]
 
 
@@ -145,6 +161,11 @@ def test_all_bad_values_are_listed_at_once(tmp_path, capsys):
     ("ddpm_cond", ["diffusion.guidance_scale=0"]),
     ("wgan_gp", ["gan.gp_weight=0", "gan.n_critic=1"]),
     ("cnn", ["mesh.num_devices=0", "seed=0", "xla_cpu_ynn_fusions_kept="]),
+    ("autoencoder_kl", ["autoencoder.disc_weight=0"]),
+    ("autoencoder_kl", ["autoencoder.disc_weight=0.5",
+                        "autoencoder.disc_start=0",
+                        "autoencoder.disc_layers=1",
+                        "autoencoder.disc_loss=vanilla"]),
 ])
 def test_values_at_the_boundary_are_accepted(experiment, overrides):
   config_lib.apply_overrides(config_lib.load_config_file(experiment),

@@ -12,6 +12,9 @@ gan, vae, diffusion) keep the objectives, train steps and evaluators.
             objective), chosen by model.name "dit".
   autoencoder_kl  AutoencoderKL: the Stable Diffusion VAE (diffusers'), for
             latent diffusion; its converter is `genimg_jax.autoencoder`.
+  patch_discriminator  NLayerDiscriminator: the PatchGAN discriminator
+            (pix2pix's, taming-transformers'), the autoencoder family's
+            optional adversarial loss.
   layers    Layers shared by the networks, rewritten for fast CPU steps.
 
 The old locations still work: `classifier.CNN`, `gan.Generator`, `vae.VAE`
