@@ -624,7 +624,7 @@ def run(models: list[str], batches: list[int], devices: list[int],
   for model in models:
     for remat in remats:
       extra = [f"model.remat={remat}"] if remat and remat_of[model] else []
-      for batch in {0, *batches}:  # A bad batch raises here, not as a row.
+      for batch in sorted(set(batches)):  # A bad batch raises here.
         config = load_model_config(model, batch, dtypes[0], devices[0],
                                    [*overrides, *extra])
         if not batch:

@@ -137,6 +137,9 @@ def _assert_close(a: dict, b: dict, rel=1e-3, abs_=1e-5):
   for k in a:
     if isinstance(a[k], dict):
       _assert_close(a[k], b[k], rel, abs_)
+    elif k == "kid_std":  # The spread of KID over subsets, a difference of
+      # differences of features: ~10x FID's sensitivity to rounding.
+      assert b[k] == pytest.approx(a[k], rel=10 * rel), k
     elif k in ONE_IMAGE:
       assert abs(b[k] - a[k]) <= ONE_IMAGE[k] + 1e-9, (k, a[k], b[k])
     else:
@@ -352,7 +355,9 @@ def test_two_processes_train_on_an_image_folder_like_one(tmp_path):
   for key, one_image in (("precision", 1 / 64), ("recall", 1 / 10)):
     assert abs(want.pop(key) - got.pop(key)) <= one_image + 1e-9, key
   _assert_close(want, got)
-  _assert_close(_train_losses(single), _train_losses(multi))
+  # The GAN's two-player steps amplify rounding (tests/test_gan.py's 1 vs 8
+  # device tolerance); other rows each step would move the losses by more.
+  _assert_close(_train_losses(single), _train_losses(multi), rel=1e-2)
   with open(os.path.join(multi, "data_files.json")) as f:
     assert len(json.load(f)["list"]["splits"]["test"]) == 10
 
