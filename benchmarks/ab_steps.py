@@ -9,7 +9,8 @@ Each VARIANT is '+'-joined knobs: `base` (the code as it is), `phases`
 convolutions for stride 2, row convolutions for stride 1, the taps forward
 pass for the VAE's last layer), `laxconvt` (lax's transposed convolutions
 and their JAX gradients), `laxconv` (the discriminator's stride-2
-convolutions as lax's, JAX's input gradient), or a config override
+convolutions as lax's, JAX's input gradient), `mask2` (dropout masks
+from two 16-bit values per Threefry hash, as before four), or a config override
 `KEY=VALUE` (e.g. `mesh.num_devices=1`, `xla_cpu_ynn_fusions_kept=reduce`).
 Every variant's step is compiled first, then the steps run round-robin
 (A B C A B C ...), so load on a shared machine hits every variant alike.
@@ -30,12 +31,24 @@ from genimg_jax import distributed
 distributed.use_cpu_cores()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genimg_jax import bench, parallel, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genimg_jax.nets import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CLASSES = (layers.ConvTranspose2x, layers.ConvTranspose1x,
             layers.ConvTransposeTaps, layers.ConvStride2)
 _ORIGINAL = {c: c.convolve for c in _CLASSES}
+_KEEP_MASK = layers.dropout_keep_mask
+
+
+def _keep_mask_two_per_hash(rng, keep_prob, shape):
+  """The earlier dropout mask: 32-bit `jax.random.bits` words (one hash
+  each) split into two 16-bit halves."""
+  threshold = round(keep_prob * 65536)
+  half = -(-shape[-1] // 2)
+  bits = jax.random.bits(rng, (*shape[:-1], half), jnp.uint32)
+  halves = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)
+  return halves[..., :shape[-1]] < jnp.uint32(threshold), threshold / 65536
 
 
 def _lax_conv_transpose(stride):
@@ -61,6 +74,8 @@ def set_knobs(knobs) -> list[str]:
   them."""
   for cls, fn in _ORIGINAL.items():
     cls.convolve = fn
+  layers.dropout_keep_mask = (_keep_mask_two_per_hash if "mask2" in knobs
+                              else _KEEP_MASK)
   if "phases" in knobs:
     layers.ConvTranspose2x.convolve = _phases_2x
     layers.ConvTranspose1x.convolve = (

@@ -127,6 +127,9 @@ def get_run_config(config, family: str, seed: int = 0):
   config.seed = seed
   config.mesh = ml_collections.ConfigDict()
   config.mesh.num_devices = 0  # 0: all devices.
+  # k > 0: on CPU, k devices where genimg chose the device count (one per
+  # core; train.mesh_devices); 0: as num_devices.
+  config.mesh.cpu_devices = 0
   # k > 1: the train state (parameters, EMA, optimizer state) split over k
   # devices of a ("data", "fsdp") mesh, FSDP style; see genimg_jax/parallel.py.
   config.mesh.fsdp = 1

@@ -178,6 +178,38 @@ def discriminator_loss(kind: str, logits_real, logits_fake) -> jax.Array:
                                                logits_fake))
 
 
+def step_inputs(state, batch, rng, settings: Settings):
+  """(x, z_rng): the batch's images, flipped (settings.random_flip; rng
+  folded with the step) and scaled to [-1, 1], [B, H, W, C] float32, and
+  the key of the posterior sample z."""
+  rng = jax.random.fold_in(rng, state.step)
+  images = batch["image"]
+  if settings.random_flip:
+    images = data.random_flip(images, rng)
+  return to_model_range(images), jax.random.fold_in(rng, 0)
+
+
+def reconstruction_loss_fn(apply_fn, x, z_rng, settings: Settings):
+  """params -> (mean over the batch of rec + kl_weight * KL, (x_rec, rec
+  [B], kl [B])): the autoencoder's loss without the discriminator."""
+
+  def loss_fn(params):
+    x_rec, mean, logvar = apply_fn({"params": params}, x, z_rng)
+    rec = reconstruction_error(settings.loss, x, x_rec)
+    kl = kl_to_standard_normal(mean, logvar)
+    return jnp.mean(rec + settings.kl_weight * kl), (x_rec, rec, kl)
+
+  return loss_fn
+
+
+def reconstruction_metrics(x, x_rec, rec, kl) -> dict:
+  """Batch means of rec and kl (per image), l1 and mse (per pixel in
+  [-1, 1])."""
+  return {"rec": jnp.mean(rec), "kl": jnp.mean(kl),
+          "l1": jnp.mean(jnp.abs(x_rec - x)),
+          "mse": jnp.mean((x_rec - x) ** 2)}
+
+
 def train_step(state, batch, rng, *, settings: Settings):
   """One step on the mean per-image loss (module docstring).
 
@@ -191,25 +223,12 @@ def train_step(state, batch, rng, *, settings: Settings):
   """
   if settings.disc_weight > 0:
     return adversarial_step(state, batch, rng, settings=settings)
-  rng = jax.random.fold_in(rng, state.step)
-  images = batch["image"]
-  if settings.random_flip:
-    images = data.random_flip(images, rng)
-  x = to_model_range(images)
-  z_rng = jax.random.fold_in(rng, 0)
-
-  def loss_fn(params):
-    x_rec, mean, logvar = state.apply_fn({"params": params}, x, z_rng)
-    rec = reconstruction_error(settings.loss, x, x_rec)
-    kl = kl_to_standard_normal(mean, logvar)
-    return jnp.mean(rec + settings.kl_weight * kl), (x_rec, rec, kl)
-
+  x, z_rng = step_inputs(state, batch, rng, settings)
   (loss, (x_rec, rec, kl)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+      reconstruction_loss_fn(state.apply_fn, x, z_rng, settings),
+      has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads)
-  return state, {"loss": loss, "rec": jnp.mean(rec), "kl": jnp.mean(kl),
-                 "l1": jnp.mean(jnp.abs(x_rec - x)),
-                 "mse": jnp.mean((x_rec - x) ** 2),
+  return state, {"loss": loss, **reconstruction_metrics(x, x_rec, rec, kl),
                  "grad_norm": optax.tree.norm(grads),
                  "param_norm": optax.tree.norm(state.params)}
 
@@ -231,22 +250,9 @@ def adversarial_step(state: AutoencoderState, batch, rng, *,
   then the fake pass of its own loss, not by the generator's pass. rng:
   as `train_step` (z's draw, flips).
   """
-  rng = jax.random.fold_in(rng, state.step)
-  images = batch["image"]
-  if settings.random_flip:
-    images = data.random_flip(images, rng)
-  x = to_model_range(images)
-  z_rng = jax.random.fold_in(rng, 0)
+  x, z_rng = step_inputs(state, batch, rng, settings)
   d = state.disc
-
-  def forward(params):
-    return state.apply_fn({"params": params}, x, z_rng)
-
-  def rec_loss_fn(params):
-    x_rec, mean, logvar = forward(params)
-    rec = reconstruction_error(settings.loss, x, x_rec)
-    kl = kl_to_standard_normal(mean, logvar)
-    return jnp.mean(rec + settings.kl_weight * kl), (x_rec, rec, kl)
+  rec_loss_fn = reconstruction_loss_fn(state.apply_fn, x, z_rng, settings)
 
   def d_logits(params, batch_stats, images):
     """D in training mode: (logits [B, h, w, 1], updated batch_stats)."""
@@ -255,7 +261,7 @@ def adversarial_step(state: AutoencoderState, batch, rng, *,
     return logits, new["batch_stats"]
 
   def g_loss_fn(params):
-    x_rec, _, _ = forward(params)
+    x_rec, _, _ = state.apply_fn({"params": params}, x, z_rng)
     logits_fake, _ = d_logits(d.params, d.batch_stats, x_rec)
     return jnp.mean(gan.generator_loss("hinge", logits_fake))
 
@@ -284,9 +290,7 @@ def adversarial_step(state: AutoencoderState, batch, rng, *,
   new_d = d.apply_gradients(grads=d_grads, batch_stats=d_stats)
   state = state.apply_gradients(grads=grads, disc=new_d)
   return state, {"loss": rec_loss + factor * lam * g_loss,
-                 "rec": jnp.mean(rec), "kl": jnp.mean(kl),
-                 "l1": jnp.mean(jnp.abs(x_rec - x)),
-                 "mse": jnp.mean((x_rec - x) ** 2),
+                 **reconstruction_metrics(x, x_rec, rec, kl),
                  "grad_norm": optax.tree.norm(grads),
                  "param_norm": optax.tree.norm(state.params),
                  "g_loss": g_loss, "disc_weight": lam, "disc_factor": factor,

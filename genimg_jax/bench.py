@@ -391,7 +391,7 @@ def bench_one(model: str, batch: int, steps: int = 20, warmup: int = 3,
   """
   config = load_model_config(model, batch, dtype, devices, overrides)
   batch = config.batch_size
-  mesh = parallel.make_mesh(devices, config.mesh.get("fsdp", 1))
+  mesh = train.make_mesh(config)
   parallel.check_global_batch(batch, mesh)
   state = train.init_state(config, mesh, jax.random.key(0), config.num_steps)
   train_step = train.compile_train_step(config, mesh)

@@ -309,6 +309,8 @@ FIELD_RULES: dict[str, Rule] = {
     "augment": _BOOL,
     "augment_flip": _BOOL,
     "mesh.num_devices": _integer(0, note="0: all devices"),
+    "mesh.cpu_devices": _integer(0, note="0: as mesh.num_devices; k: k CPU "
+                                 "devices where genimg chose the count"),
     "mesh.fsdp": _integer(1, note="1: state replicated; k: split over k "
                           "devices (FSDP)"),
     "data.name": Rule(str, check=_data_name, note="a TFDS name, "
@@ -662,7 +664,7 @@ RESUMABLE_FIELDS = frozenset({
     "log_every", "checkpoint_every",
     "keep_checkpoints", "compilation_cache_dir", "xla_cpu_ynn_fusions",
     "xla_cpu_ynn_fusions_kept",
-    "mesh.num_devices", "mesh.fsdp", "data.idx_dir",
+    "mesh.num_devices", "mesh.cpu_devices", "mesh.fsdp", "data.idx_dir",
     "data.tfds_data_dir", "data.download", "data.in_memory", "data.num_workers",
     "data.eval_split", "data.skip_corrupt", "vae.iw_samples",
     "gan.skip_nonfinite", "model.remat", "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",

@@ -8,6 +8,9 @@ import os
 import jax
 
 MAX_CPU_DEVICES = 8
+# Whether `use_cpu_cores` chose this process's CPU device count itself (no
+# GENIMG_CPU_DEVICES, no forced XLA_FLAGS): configs may then use fewer.
+_chose_cpu_devices = False
 
 
 def default_cpu_device_count(num_cores: int) -> int:
@@ -49,7 +52,15 @@ def use_cpu_cores() -> int | None:
     jax.config.update("jax_num_cpu_devices", count)
   except RuntimeError:  # Backends already initialised (e.g. in a notebook).
     return None
+  global _chose_cpu_devices
+  _chose_cpu_devices = not requested
   return count
+
+
+def chose_cpu_devices() -> bool:
+  """Whether `use_cpu_cores` set the CPU device count by its own default
+  (the user set neither GENIMG_CPU_DEVICES nor a forced device count)."""
+  return _chose_cpu_devices
 
 
 def maybe_initialize() -> None:

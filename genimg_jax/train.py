@@ -28,7 +28,7 @@ from tqdm import tqdm
 from genimg_jax import autoencoder_family, checkpoint, classifier
 from genimg_jax import config as config_lib, data
 from genimg_jax import diffusion, gan, images as images_lib, metrics_writer
-from genimg_jax import optim, parallel
+from genimg_jax import distributed, optim, parallel
 from genimg_jax import preemption as preemption_lib, quality, vae
 
 FAMILIES = {"classifier": classifier, "gan": gan, "vae": vae,
@@ -85,9 +85,23 @@ def _with_state_constrained(step, mesh):
 
 
 def make_mesh(config):
-  """The run's mesh: config.mesh.num_devices, config.mesh.fsdp."""
-  return parallel.make_mesh(config.mesh.num_devices,
-                            config.mesh.get("fsdp", 1))
+  """The run's mesh: `mesh_devices(config)` devices, config.mesh.fsdp."""
+  return parallel.make_mesh(mesh_devices(config), config.mesh.get("fsdp", 1))
+
+
+def mesh_devices(config) -> int:
+  """config.mesh.num_devices (0: all); but with num_devices 0 and fsdp 1, a
+  single-process CPU run whose device count genimg chose
+  (`distributed.chose_cpu_devices`) uses the first config.mesh.cpu_devices
+  (0: all) CPU devices: for steps that ran faster on one CPU device with
+  all cores than split over one device per core (docs/performance.md)."""
+  num_devices = config.mesh.num_devices
+  cpu_devices = config.mesh.get("cpu_devices", 0)
+  if (num_devices == 0 and cpu_devices and config.mesh.get("fsdp", 1) == 1
+      and distributed.chose_cpu_devices() and jax.process_count() == 1
+      and jax.default_backend() == "cpu"):
+    return min(cpu_devices, jax.device_count())
+  return num_devices
 
 
 def compile_train_step(config, mesh):
@@ -448,7 +462,7 @@ def restore_workdir(workdir: str, overrides=(), which: str = "latest"):
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   config = config_lib.apply_overrides(config, overrides)
   setup_compilation_cache(config, workdir)
-  mesh = parallel.make_mesh(config.mesh.num_devices)
+  mesh = make_mesh(config)
   state = init_state(config, mesh, jax.random.key(0), 1)
   if which not in ("latest", "best") and not which.isdigit():
     raise config_lib.ConfigError(

@@ -52,3 +52,41 @@ def test_bad_env_value_is_a_clear_error():
   rc, _, err = _probe(GENIMG_CPU_DEVICES="many", JAX_PLATFORMS="cpu")
   assert rc != 0
   assert "GENIMG_CPU_DEVICES='many' must be a positive integer" in err
+
+
+@pytest.mark.parametrize("env,chose", [
+    ({}, "True"), ({"GENIMG_CPU_DEVICES": "2"}, "False"),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, "False")])
+def test_only_the_default_count_counts_as_chosen(env, chose):
+  probe = ("from genimg_jax import distributed; distributed.use_cpu_cores(); "
+           "print(distributed.chose_cpu_devices())")
+  clean = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", probe],
+                       env={**clean, "JAX_PLATFORMS": "cpu", **env},
+                       check=False, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == [chose]
+
+
+@pytest.mark.parametrize("overrides,chose,expected", [
+    ({"mesh.cpu_devices": 1}, True, 1),
+    ({"mesh.cpu_devices": 100}, True, 8),  # At most the devices there are.
+    ({"mesh.cpu_devices": 0}, True, 0),
+    ({"mesh.cpu_devices": 1}, False, 0),  # The user chose the count.
+    ({"mesh.cpu_devices": 1, "mesh.num_devices": 4}, True, 4),
+    ({"mesh.cpu_devices": 1, "mesh.fsdp": 2}, True, 0)])
+def test_mesh_devices_uses_cpu_devices_only_where_genimg_chose(
+    monkeypatch, overrides, chose, expected):
+  from genimg_jax import train  # pylint: disable=import-outside-toplevel
+  from experiments import dcgan  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  assert jax.device_count() == 8
+  monkeypatch.setattr(distributed, "_chose_cpu_devices", chose)
+  config = dcgan.get_config()
+  assert config.mesh.cpu_devices == 1  # The DCGAN's default.
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  assert train.mesh_devices(config) == expected
+  assert train.make_mesh(config).devices.size == (expected or 8)

@@ -2,10 +2,12 @@
 
 import flax.linen as nn
 import jax
+from jax.extend.random import threefry_2x32
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from genimg_jax import parallel
 from genimg_jax.nets import layers
 
 
@@ -196,20 +198,54 @@ def test_conv_stride2_second_order_gradient_matches_lax():
                              penalty_grad(lax_conv), rtol=1e-4, atol=1e-4)
 
 
-def test_dropout_keep_mask_rate_and_independent_halves():
-  """Bernoulli(q) with q within 2^-17 of keep_prob; the two 16-bit halves
-  of each draw are independent (they agree at q^2 + (1 - q)^2, not 1);
+def test_dropout_keep_mask_rate_and_independent_quarters():
+  """Bernoulli(q) with q within 2^-17 of keep_prob; the four 16-bit quarters
+  of each hash are independent (two agree at q^2 + (1 - q)^2, not 1);
   another key, another mask."""
-  shape = (64, 14, 14, 65)  # Odd last axis: the halves overlap by one.
+  shape = (64, 14, 14, 65)  # Last axis not a multiple of 4: 17 hashes.
   mask, q = layers.dropout_keep_mask(jax.random.key(0), 0.7, shape)
   assert mask.shape == shape and mask.dtype == jnp.bool_
   assert abs(q - 0.7) <= 2.0 ** -17
   n, sigma = mask.size, (q * (1 - q) / mask.size) ** 0.5
   assert abs(float(mask.mean()) - q) < 5 * sigma, (float(mask.mean()), q, n)
-  agree = float(jnp.mean(mask[..., :32] == mask[..., 33:]))
-  assert abs(agree - (q * q + (1 - q) ** 2)) < 0.01, agree
+  independent = q * q + (1 - q) ** 2
+  for quarter in (1, 2, 3):
+    agree = float(jnp.mean(mask[..., :14] ==  # The last quarter has 14.
+                           mask[..., 17 * quarter:17 * quarter + 14]))
+    assert abs(agree - independent) < 0.01, (quarter, agree)
   other, _ = layers.dropout_keep_mask(jax.random.key(1), 0.7, shape)
-  assert abs(float(jnp.mean(mask == other)) - (q * q + (1 - q) ** 2)) < 0.01
+  assert abs(float(jnp.mean(mask == other)) - independent) < 0.01
+
+
+def test_dropout_keep_mask_is_threefry_of_the_flat_index():
+  """Element [..., j + k * ceil(C / 4)] is the k-th 16-bit quarter (low half
+  of word a, high half, low of b, high of b) of jax's own Threefry-2x32 of
+  the counter pair (0, flat index of [..., j]) under the mask's key."""
+  key = jax.random.key(3)
+  shape = (3, 5, 10)  # 3 hashes per row of 10.
+  keep = 0.5
+  mask, _ = layers.dropout_keep_mask(key, keep, shape)
+  data = jax.random.key_data(key)
+  words = np.asarray(jax.vmap(lambda i: threefry_2x32(
+      data, jnp.stack([jnp.uint32(0), i])))(jnp.arange(45, dtype=jnp.uint32)))
+  quarters = np.stack([words[:, 0] & 0xFFFF, words[:, 0] >> 16,
+                       words[:, 1] & 0xFFFF, words[:, 1] >> 16], -1)
+  expected = quarters.reshape(3, 5, 3, 4).transpose(0, 1, 3, 2).reshape(
+      3, 5, 12)[..., :10] < 32768
+  np.testing.assert_array_equal(np.asarray(mask), expected)
+
+
+def test_dropout_keep_mask_does_not_depend_on_sharding():
+  """The same mask on 1 device and sharded over 8 along the batch (the
+  counters are the global flat index, as in partitionable jax.random)."""
+  shape = (16, 7, 7, 64)
+  key = jax.random.key(4)
+  single = layers.dropout_keep_mask(key, 0.7, shape)[0]
+  mesh = parallel.make_mesh()
+  sharded = jax.jit(lambda k: layers.dropout_keep_mask(k, 0.7, shape)[0],
+                    out_shardings=parallel.data_sharding(mesh))(key)
+  assert len(sharded.sharding.device_set) == len(jax.devices()) > 1
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
 
 
 def test_dropout_scales_kept_values_by_the_keep_probability():

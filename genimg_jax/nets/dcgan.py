@@ -62,7 +62,7 @@ class Discriminator(nn.Module):
   """DCGAN discriminator: Conv(64, 4x4, s2) and Conv(128, 4x4, s2), each
   LeakyReLU(0.2)-Dropout, then Dense(1) logits [B]. The convolutions are
   `layers.ConvStride2` (nn.Conv's parameters; a faster input gradient on
-  CPU), the dropout `layers.Dropout` (masks from 16 random bits per value).
+  CPU), the dropout `layers.Dropout` (16 random bits per value, four per hash).
 
   `spectral_norm`: every layer, the class embedding included, wrapped in
   `nn.SpectralNorm` (power-iteration vectors in "batch_stats"; updated only

@@ -5,17 +5,20 @@ parameters, same outputs up to float summation order); the tests check this.
 The rewrites are CPU tricks (XLA:CPU's convolutions of these shapes, and its
 reduce-window gradient, are slow): on any other backend (`jax.default_backend()`
 when the layer is traced) the native `lax` ops are used. `Dropout` is the
-exception on both counts: on every backend it draws 16 random bits per value
-where `nn.Dropout` draws 32, so its masks differ from Flax's (same keep rate
-to within 2^-17).
+exception on both counts: on every backend it uses 16 random bits per value
+where `nn.Dropout` uses 32, four values per Threefry hash, so its masks
+differ from Flax's (same keep rate to within 2^-17).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import flax.linen as nn
 import jax
+from jax.extend.random import threefry2x32_p
 import jax.numpy as jnp
 
 
@@ -196,18 +199,45 @@ def conv_stride2_same(x_BHWC: jax.Array, kernel_KKIO: jax.Array) -> jax.Array:
 def dropout_keep_mask(rng: jax.Array, keep_prob: float,
                       shape: tuple[int, ...]) -> tuple[jax.Array, float]:
   """A Bernoulli(q) keep mask (bool, `shape`) from 16 random bits per
-  element, two elements per 32-bit draw, and q: `keep_prob` rounded to a
-  multiple of 2^-16 (0.7 -> 0.69999695). Threefry's bits are most of a CPU
-  dropout's time; this draws half as many as `jax.random.bernoulli`.
+  element, and q: `keep_prob` rounded to a multiple of 2^-16 (0.7 ->
+  0.69999695).
 
-  rng: the mask's key (a fresh one per call). shape: at least 1-D; the
-  last axis is split into two halves, one per 16-bit half of the draws.
+  Threefry's hashes are most of a CPU dropout's time, so each hash gives
+  four elements: both 32-bit words of Threefry-2x32 of the counter pair
+  (0, i), i the flat index into `shape[:-1] + (ceil(C / 4),)` (the hash
+  `jax.random.bits` computes, without XOR-ing the two words together), each
+  word split into two 16-bit halves; the last axis (C) is the four quarters
+  side by side. Like `jax.random.bits` the mask depends only on the key and
+  the shape, not on how it is sharded. A quarter of the hashes of
+  `jax.random.bernoulli` (one per element when partitionable).
+
+  rng: the mask's key (a fresh one per call). shape: at least 1-D, fewer
+  than 2^32 hashes.
   """
   threshold = round(keep_prob * 65536)
-  half = -(-shape[-1] // 2)
-  bits = jax.random.bits(rng, (*shape[:-1], half), jnp.uint32)
-  halves = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)
+  counts_shape = (*shape[:-1], -(-shape[-1] // 4))
+  if math.prod(counts_shape) >= 2 ** 32:
+    raise ValueError(f"Dropout mask of shape {shape} needs 2^32 or more "
+                     "hashes; split the input.")
+  index = jnp.zeros(counts_shape, jnp.uint32)
+  for axis, stride in enumerate(_strides(counts_shape)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, counts_shape,
+                                             axis) * jnp.uint32(stride)
+  key = jax.random.key_data(rng)
+  word_a, word_b = threefry2x32_p.bind(key[0], key[1], jnp.zeros_like(index),
+                                       index)
+  halves = jnp.concatenate([word_a & 0xFFFF, word_a >> 16,
+                            word_b & 0xFFFF, word_b >> 16], axis=-1)
   return halves[..., :shape[-1]] < jnp.uint32(threshold), threshold / 65536
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+  """Row-major element strides of `shape`."""
+  strides, step = [], 1
+  for size in reversed(shape):
+    strides.append(step)
+    step *= size
+  return strides[::-1]
 
 
 class Dropout(nn.Module):
