@@ -9,6 +9,7 @@ per-round ratios.
 """
 
 import os
+import platform
 import statistics
 import time
 
@@ -80,6 +81,20 @@ def schedule(models, frameworks, rounds: int) -> list[tuple[int, str, str]]:
     rotated = list(frameworks[shift:]) + list(frameworks[:shift])
     order += [(r, model, fw) for model in models for fw in rotated]
   return order
+
+
+def host_cpu() -> str:
+  """The CPU's model name (/proc/cpuinfo) and the cores this process may
+  use, e.g. "Intel(R) Xeon(R) Processor, 2 cores"."""
+  name = platform.processor() or "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f
+               if line.startswith("model name")]
+    name = names[0] if names else name
+  except OSError:
+    pass
+  return f"{name}, {len(os.sched_getaffinity(0))} cores"
 
 
 def _spread(values) -> dict:

@@ -50,6 +50,19 @@ def command(framework: str, model: str, batch: int, steps: int,
           *flag]
 
 
+def _commit() -> str:
+  """genimg-jax's git commit (with "+changes" for a dirty tree), or ""."""
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain",
+                            "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return ""
+  return head.strip() + ("+changes" if dirty.strip() else "")
+
+
 def run_one(framework, model, batch, steps, pythons, log) -> dict:
   """Runs one benchmark process; its record, with the run's other load."""
   with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +90,8 @@ def run_one(framework, model, batch, steps, pythons, log) -> dict:
     record["params_match"] = None  # genimg's own nets define the shapes.
     record["waited_idle_s"] = waited
   record.update(framework=framework, other_load_cores_run=round(
-      max(other, 0.0), 2), expected_params=shapes.param_count(model))
+      max(other, 0.0), 2), expected_params=shapes.param_count(model),
+                host_cpu=harness.host_cpu(), genimg_commit=_commit())
   return record
 
 

@@ -6,6 +6,7 @@
   python docs/render_tables.py record --workdir W --family F --model M \
       --command "genimg train ..." [--log LOG]  # appends W's record
   python docs/render_tables.py compile  # docs/compile_memory.jsonl -> docs/training.md
+  python docs/render_tables.py peers    # docs/cpu_peers.jsonl -> docs/performance.md
 """
 
 import json
@@ -515,6 +516,30 @@ def compile_memory_table() -> str:
   return "\n".join(lines)
 
 
+def cpu_peers_table() -> str:
+  """docs/cpu_peers.jsonl (`python benchmarks/run.py` records) as the
+  benchmark's own table, then where and with what it ran."""
+  sys.path.insert(0, os.path.join(os.path.dirname(DOCS), "benchmarks"))
+  import harness  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(DOCS, "cpu_peers.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  ours = [r for r in records if r["framework"] == harness.GENIMG]
+  devices = ", ".join(f"{m} {d}" for m, d in sorted(
+      {(r["model"], r["devices"]) for r in ours}))
+  versions = sorted({f"{r['framework']}: {r['version']}" for r in records
+                     if "version" in r})
+  fws = sorted({r["framework"] for r in records})
+  rounds = len({r["round"] for r in records})
+  return "\n".join([
+      harness.markdown_table(harness.summarize(records)), "",
+      f"{records[0]['host_cpu']}; {rounds} rounds of `python "
+      f"benchmarks/run.py --rounds {rounds} --frameworks {','.join(fws)}` "
+      f"at batch 128 (genimg-jax at commit {records[0]['genimg_commit']}, "
+      f"jax {ours[0]['jax_version']}, CPU devices per model: {devices}; "
+      f"{'; '.join(versions)}). Records: "
+      "[cpu_peers.jsonl](cpu_peers.jsonl)."])
+
+
 if __name__ == "__main__":
   if sys.argv[1:] == ["loader"]:
     replace_between(os.path.join(DOCS, "data.md"), "loader-table",
@@ -523,6 +548,9 @@ if __name__ == "__main__":
     render_results()
   elif sys.argv[1:2] == ["record"]:
     _record_main(sys.argv[2:])
+  elif sys.argv[1:] == ["peers"]:
+    replace_between(os.path.join(DOCS, "performance.md"), "cpu-peers-table",
+                    cpu_peers_table())
   elif sys.argv[1:] == ["compile"]:
     replace_between(os.path.join(DOCS, "training.md"), "compile-memory-table",
                     compile_memory_table())

@@ -226,9 +226,12 @@ def dropout_keep_mask(rng: jax.Array, keep_prob: float,
   key = jax.random.key_data(rng)
   word_a, word_b = threefry2x32_p.bind(key[0], key[1], jnp.zeros_like(index),
                                        index)
-  halves = jnp.concatenate([word_a & 0xFFFF, word_a >> 16,
-                            word_b & 0xFFFF, word_b >> 16], axis=-1)
-  return halves[..., :shape[-1]] < jnp.uint32(threshold), threshold / 65536
+  # Compared before the concatenation: the step keeps a bool per value for
+  # the backward pass, not the 32-bit quarters.
+  below = lambda quarter: quarter < jnp.uint32(threshold)
+  mask = jnp.concatenate([below(word_a & 0xFFFF), below(word_a >> 16),
+                          below(word_b & 0xFFFF), below(word_b >> 16)], axis=-1)
+  return mask[..., :shape[-1]], threshold / 65536
 
 
 def _strides(shape: tuple[int, ...]) -> list[int]:
