@@ -6,7 +6,7 @@
   python docs/render_tables.py record --workdir W --family F --model M \
       --command "genimg train ..." [--log LOG]  # appends W's record
   python docs/render_tables.py compile  # docs/compile_memory.jsonl -> docs/training.md
-  python docs/render_tables.py peers    # docs/cpu_peers.jsonl -> docs/performance.md
+  python docs/render_tables.py peers    # docs/cpu_peers.jsonl, cpu_keras_xla.jsonl -> docs/performance.md, README.md
 """
 
 import json
@@ -516,6 +516,97 @@ def compile_memory_table() -> str:
   return "\n".join(lines)
 
 
+def cpu_ab_table(which: str) -> str:
+  """The in-process A/B records of docs/cpu_keras_xla.jsonl whose "set" is
+  `which` (`python benchmarks/ab_steps.py` output plus where it ran): one
+  row per variant, per model the ratio first variant ms / this variant ms
+  (median over steps; above 1: the variant is faster) with both medians."""
+  with open(os.path.join(DOCS, "cpu_keras_xla.jsonl")) as f:
+    records = [r for r in map(json.loads, filter(str.strip, f))
+               if r.get("set") == which]
+  models = sorted({r["model"] for r in records})
+  rows: dict[str, dict[str, list[str]]] = {}
+  for r in records:
+    names = list(r["variants"])
+    first = r["variants"][names[0]]
+    for name in names[1:]:
+      v = r["variants"][name]
+      rows.setdefault(r["labels"][name], {}).setdefault(r["model"], []).append(
+          f"{v['first_over_this']:.3f} ({first['median_ms']:.1f} / "
+          f"{v['median_ms']:.1f} ms)")
+  lines = ["| variant | " + " | ".join(models) + " |",
+           "|" + " --- |" * (1 + len(models))]
+  for label, cells in rows.items():
+    lines.append(f"| {label} | " + " | ".join(
+        "; ".join(cells.get(m, [])) for m in models) + " |")
+  loads = [r["load_avg_1m"] for r in records]
+  r = records[0]
+  lines += ["", f"{r['hardware']}, jax {r['jax_version']}, genimg-jax at "
+            f"commit {r['commit']}; 1-minute load average {min(loads):.1f}-"
+            f"{max(loads):.1f} (the benchmark's own process included). "
+            "Commands: " + "; ".join(sorted({f"`{x['command']}`"
+                                            for x in records})) + "."]
+  return "\n".join(lines)
+
+
+def cpu_layers_table() -> str:
+  """docs/cpu_keras_xla.jsonl's "per_layer_fwd_bwd" records: per DCGAN
+  convolution the ms of one forward + backward pass by framework (median
+  and range over rounds)."""
+  with open(os.path.join(DOCS, "cpu_keras_xla.jsonl")) as f:
+    records = [r for r in map(json.loads, filter(str.strip, f))
+               if r.get("kind") == "per_layer_fwd_bwd"]
+  def side(r):
+    if r["framework"] == "tf-keras-graph":
+      return ("Keras graph, oneDNN" if r["onednn"] != "0" else
+              "Keras graph, no oneDNN (`TF_ENABLE_ONEDNN_OPTS=0`)")
+    return {"tf-keras-xla": "Keras + XLA"}.get(r["framework"], r["framework"])
+  sides = list(dict.fromkeys(side(r) for r in records))
+  layers = list(records[0]["ms"])
+  cell = lambda xs: (f"{statistics.median(xs):.1f}" if len(xs) == 1 else
+                     f"{statistics.median(xs):.1f} ({min(xs):.1f}-"
+                     f"{max(xs):.1f})")
+  lines = ["| layer | " + " | ".join(sides) + " |",
+           "|" + " --- |" * (1 + len(sides))]
+  for layer in layers + ["sum"]:
+    cells = []
+    for s in sides:
+      rs = [r for r in records if side(r) == s]
+      cells.append(cell([sum(r["ms"].values()) if layer == "sum" else
+                         r["ms"][layer] for r in rs]))
+    lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+  r = records[0]
+  lines += ["", f"{r['hardware']}; ms per forward + backward pass at batch "
+            f"128, median over {len({x['round'] for x in records})} "
+            f"alternated rounds; jax {next(x['jax'] for x in records if 'jax' in x)}, "
+            f"{r['tensorflow']}; commands: " + "; ".join(
+                sorted({f"`{x['command']}`" for x in records})) + "."]
+  return "\n".join(lines)
+
+
+def cpu_peers_readme() -> str:
+  """The README's short form of cpu_peers_table: per model each peer's ms /
+  genimg-jax ms, the median over rounds."""
+  sys.path.insert(0, os.path.join(os.path.dirname(DOCS), "benchmarks"))
+  import harness  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(DOCS, "cpu_peers.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  summary = harness.summarize(records)
+  names = {"torch-eager": "PyTorch eager", "tf-keras-graph": "Keras (oneDNN)",
+           "tf-keras-xla": "Keras + XLA"}
+  peers = [p for p in names if any(f == p for _, f in summary)]
+  models = {"cnn": "seed CNN", "dcgan": "DCGAN", "vae": "conv VAE"}
+  lines = ["| vs | " + " | ".join(models[m] for m in sorted(
+      {m for m, _ in summary})) + " |", "|" + " --- |" * (1 + len(
+          {m for m, _ in summary}))]
+  for p in peers:
+    cells = [summary[(m, p)]["ratio"] for m in sorted({m for m, _ in summary})]
+    lines.append(f"| {names[p]} | " + " | ".join(
+        f"{c['median']:.2f}x" for c in cells)
+                 + " |")
+  return "\n".join(lines)
+
+
 def cpu_peers_table() -> str:
   """docs/cpu_peers.jsonl (`python benchmarks/run.py` records) as the
   benchmark's own table, then where and with what it ran."""
@@ -534,7 +625,8 @@ def cpu_peers_table() -> str:
       harness.markdown_table(harness.summarize(records)), "",
       f"{records[0]['host_cpu']}; {rounds} rounds of `python "
       f"benchmarks/run.py --rounds {rounds} --frameworks {','.join(fws)}` "
-      f"at batch 128 (genimg-jax at commit {records[0]['genimg_commit']}, "
+      f"at batch 128 (genimg-jax at commit "
+      f"{', '.join(sorted({r['genimg_commit'] for r in records}))}, "
       f"jax {ours[0]['jax_version']}, CPU devices per model: {devices}; "
       f"{'; '.join(versions)}). Records: "
       "[cpu_peers.jsonl](cpu_peers.jsonl)."])
@@ -551,6 +643,12 @@ if __name__ == "__main__":
   elif sys.argv[1:] == ["peers"]:
     replace_between(os.path.join(DOCS, "performance.md"), "cpu-peers-table",
                     cpu_peers_table())
+    replace_between(os.path.join(os.path.dirname(DOCS), "README.md"),
+                    "cpu-peers-readme", cpu_peers_readme())
+    replace_between(os.path.join(DOCS, "performance.md"), "cpu-ab-table",
+                    cpu_ab_table("quiet"))
+    replace_between(os.path.join(DOCS, "performance.md"), "cpu-layers-table",
+                    cpu_layers_table())
   elif sys.argv[1:] == ["compile"]:
     replace_between(os.path.join(DOCS, "training.md"), "compile-memory-table",
                     compile_memory_table())

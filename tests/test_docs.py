@@ -20,6 +20,40 @@ def test_the_loader_table_is_rendered_from_its_records():
                                "loader-table") == render_tables.loader_table()
 
 
+PEER_TABLES = [("docs/performance.md", "cpu-peers-table", "cpu_peers_table",
+                ()),
+               ("docs/performance.md", "cpu-ab-table", "cpu_ab_table",
+                ("quiet",)),
+               ("docs/performance.md", "cpu-layers-table",
+                "cpu_layers_table", ()),
+               ("README.md", "cpu-peers-readme", "cpu_peers_readme", ())]
+
+
+@pytest.mark.parametrize("page,marker,render,args", PEER_TABLES,
+                         ids=[m for _, m, _, _ in PEER_TABLES])
+def test_the_cpu_speed_tables_are_rendered_from_their_records(
+    page, marker, render, args):
+  """`python docs/render_tables.py peers`: docs/cpu_peers.jsonl and
+  docs/cpu_keras_xla.jsonl -> docs/performance.md and the README."""
+  assert render_tables.current(os.path.join(REPO, page), marker) == (
+      getattr(render_tables, render)(*args))
+
+
+def test_the_readme_peer_ratios_are_the_medians_of_the_rounds():
+  records = [json.loads(line) for line in
+             open(os.path.join(REPO, "docs", "cpu_peers.jsonl"))]
+  ms = lambda fw: sorted(r["step_ms_median"] / next(
+      g["step_ms_median"] for g in records if g["framework"] == "genimg-jax"
+      and g["model"] == "dcgan" and g["round"] == r["round"])
+                         for r in records
+                         if r["framework"] == fw and r["model"] == "dcgan")
+  xla = ms("tf-keras-xla")
+  assert len(xla) >= 3
+  row = next(line for line in render_tables.cpu_peers_readme().split("\n")
+             if line.startswith("| Keras + XLA |"))
+  assert row.split(" | ")[2] == f"{xla[len(xla) // 2]:.2f}x"  # DCGAN.
+
+
 RESULTS_TABLES = sorted(render_tables.results_tables())
 
 
