@@ -31,11 +31,13 @@ def test_one_and_eight_devices_give_the_same_parameters(
   Portable tolerances, about 25x the differences measured between 1, 2, 4
   and 8 devices and between CPUs (emulated with --xla_cpu_max_isa=SSE4_2,
   AVX and AVX2): the logged loss and norms <= 2e-7 (relative), a parameter
-  leaf <= 8e-7 (CNN) and <= 9e-6 (ResNet: a 4-element BatchNorm bias), a
-  BatchNorm statistic <= 3e-7. Planted sharding bugs move the first step's
-  loss or gradient norm by 2e-3 to 7 (BatchNorm statistics per device, a
-  loss and gradient over one device's share of the batch, a gradient times
-  the device count) and the parameters by up to 2.
+  leaf <= 8e-7 (CNN) and <= 9e-6 (ResNet), a BatchNorm statistic <= 3e-7.
+  Leaves are compared relative to their norm but at least 1e-3: on an
+  AVX-512 Intel Xeon a ResNet BatchNorm bias of norm 1.5e-5 differed by
+  6e-9 (4e-4 of itself, 6e-6 of the floor). Planted sharding bugs move the
+  first step's loss or gradient norm by 2e-3 to 7 (BatchNorm statistics per
+  device, a loss and gradient over one device's share of the batch, a
+  gradient times the device count) and the parameters by up to 2.
   """
   assert jax.device_count() == 8
   configs = {n: tiny_config(idx_dir, experiment, **{"mesh.num_devices": n},
@@ -44,7 +46,7 @@ def test_one_and_eight_devices_give_the_same_parameters(
   # Per step: the batch's loss before the update, the gradient's norm and
   # the updated parameters' norm. (Not the accuracy: a near tie may flip.)
   assert_runs_agree(runs[1], runs[8], ("loss", "grad_norm", "param_norm"),
-                    rtol=5e-6, params_rtol=params_rtol)
+                    rtol=5e-6, params_rtol=params_rtol, params_floor=1e-3)
   if experiment.startswith("resnet"):
     assert_trees_near(jax.device_get(runs[1].state.batch_stats),
                       jax.device_get(runs[8].state.batch_stats), rtol=1e-5)
