@@ -99,9 +99,16 @@ def all_results() -> list[dict]:
   return [r for family in FAMILIES for r in load_results(family)]
 
 
-def run_key(r: dict) -> str:
-  """The training run a record evaluates: its train command."""
+def run_command(r: dict) -> str:
+  """The train command of the run a record evaluates."""
   return r.get("train_command", r["command"])
+
+
+def run_key(r: dict) -> str:
+  """The training run a record evaluates: its train command, and its
+  run_id where the same command ran again."""
+  key = run_command(r)
+  return f"{key} #{r['run_id']}" if r.get("run_id") else key
 
 
 def runs(records: list[dict]) -> dict[str, list[dict]]:
@@ -237,7 +244,7 @@ def every_run_table() -> str:
     lines.append(
         f"| {r['model']} | {r['dataset']}, {variant} | {metric_text(r)} | "
         f"{hardware} | {steps_x_batch(r)} | {wall_text(rs)} | "
-        f"{run_field(rs, 'commit') or '-'} | `{run_key(r)}` |")
+        f"{run_field(rs, 'commit') or '-'} | `{run_command(r)}` |")
   return "\n".join(lines)
 
 
@@ -251,7 +258,7 @@ def classifier_table() -> str:
         f"| {r.get('description', r['model'])} | {r['variant']} | "
         f"**{100 * r['eval']['accuracy']:.2f}%** | {r.get('epochs', '-')} | "
         f"{steps_x_batch(r, epochs=False)} | {wall_text(rs)} | "
-        f"`{run_key(r)}` |")
+        f"`{run_command(r)}` |")
   return "\n".join(lines)
 
 
@@ -265,7 +272,7 @@ def gan_table() -> str:
     curve = ", ".join(f"{fid_score(x, bold=x is r)} ({x['eval']['step']:,})"
                       for x in evals)
     lines.append(f"| {r.get('description', r['model'])} | {curve} | "
-                 f"{steps_x_batch(r)} | {wall_text(rs)} | `{run_key(r)}` |")
+                 f"{steps_x_batch(r)} | {wall_text(rs)} | `{run_command(r)}` |")
   return "\n".join(lines)
 
 
@@ -280,7 +287,7 @@ def vae_table() -> str:
         f"| {r.get('description', r['model'])} | {e['nelbo']:.2f} "
         f"({e['bits_per_dim']:.3f}) | {e['kl']:.2f} | {e['recon']:.2f} | "
         f"**{e['iw_nll']:.2f}** ({k:,}) | {fid_score(r)} | "
-        f"{r.get('epochs', '-')} | {wall_text(rs)} | `{run_key(r)}` |")
+        f"{r.get('epochs', '-')} | {wall_text(rs)} | `{run_command(r)}` |")
   return "\n".join(lines)
 
 
@@ -465,11 +472,22 @@ def _record_main(argv: list[str]) -> None:
                            "wall_s=R user_s=U system_s=S")
   parser.add_argument("--output", default="",
                       help="default docs/results/FAMILY.jsonl")
+  parser.add_argument("--description", default="",
+                      help="the run's row label in the family table")
+  parser.add_argument("--wall-note", default="",
+                      help='what the wall time includes, e.g. "training only"')
   args = parser.parse_args(argv)
   read = lambda name: json.load(open(os.path.join(args.workdir, name)))
   log_text = open(args.log).read() if args.log else ""
   record = make_record(read("eval.json"), read("config.json"), args.command,
                        args.family, args.model, log_text)
+  # Separates a rerun of the same command from earlier runs' records.
+  record["run_id"] = (f"{record.get('commit')}@"
+                      f"{int(os.path.getmtime(os.path.join(args.workdir, 'eval.json')))}")
+  if args.description:
+    record["description"] = args.description
+  if args.wall_note:
+    record["wall_note"] = args.wall_note
   output = args.output or os.path.join(RESULTS, f"{args.family}.jsonl")
   with open(output, "a") as f:
     f.write(json.dumps(record) + "\n")

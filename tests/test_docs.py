@@ -75,13 +75,26 @@ def test_the_readme_shows_the_latest_record_at_the_largest_step(
   rows = lambda: [line for line in
                   render_tables.readme_results_table().split("\n")
                   if "| `dcgan` |" in line]
-  assert rows() == ["| DCGAN | `dcgan` | FID 5.38, score 3.18 | 3,000 x 64 |"]
+  assert rows() == ["| DCGAN | `dcgan` | FID 5.31, score 3.24 | 3,000 x 64 |"]
   dcgan = [json.loads(line) for line in open(tmp_path / "gan.jsonl")][2]
   with open(tmp_path / "gan.jsonl", "a") as f:
     for step, fid in ((3000, 5.01), (2000, 4.0)):  # A rerun, then an early one.
       f.write(json.dumps(dict(dcgan, eval={"step": step, "fid": fid,
                                            "score": 3.5})) + "\n")
   assert rows() == ["| DCGAN | `dcgan` | FID 5.01, score 3.50 | 3,000 x 64 |"]
+
+
+def test_a_rerun_of_the_same_command_is_its_own_run():
+  """Records with a run_id group apart from earlier runs of the command:
+  a rerun's wall time and evaluations are not merged into the old row."""
+  old = {"command": "genimg train --config experiments/dcgan.py --workdir W",
+         "eval": {"step": 3000, "fid": 5.4}, "wall_s": 1057}
+  new = dict(old, eval={"step": 3000, "fid": 5.3}, wall_s=432,
+             run_id="abc@1")
+  groups = render_tables.runs([old, dict(old, eval={"step": 1000}), new])
+  assert [len(g) for g in groups.values()] == [2, 1]
+  assert render_tables.wall_text(list(groups.values())[0]).startswith(
+      "17 min")
 
 
 def test_a_record_is_made_from_a_workdir_and_its_timed_log():
